@@ -1,0 +1,30 @@
+"""speechsum: RL-enhanced speech summarization for multimodal LLMs, from scratch in PyTorch.
+
+Install with ``pip install -e .`` (core) or ``pip install -e .[dev]`` (tests).
+torch is deliberately unpinned here; the CI / test path pins it through
+``constraints/test.txt`` so that a CPU machine never downloads a CUDA build.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="speechsum",
+    version="0.1.0",
+    description="SFT, on-policy KD and DPO for speech summarization with a Phi-4-multimodal-style model",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["model*", "losses*", "train*", "rollout*", "eval*", "data*"]),
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "sentencepiece",
+        "openai",
+        "soundfile",
+    ],
+    extras_require={
+        "dev": ["pytest", "transformers>=5.0", "peft"],
+        "phi4mm": ["tokenizers"],
+        "audio": ["torchaudio"],
+    },
+)
