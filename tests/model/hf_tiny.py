@@ -60,6 +60,8 @@ def random_model(config, seed=0):
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point():
                 scale = 0.5 if name.endswith("norm.weight") or "layer_norm" in name else 0.05
+                if ".encoder.embed." in name:
+                    scale = 0.5  # the subsampling convs: keep the audio signal well above the biases
                 tensor.add_(scale * torch.randn_like(tensor))
     return model
 

@@ -1,0 +1,1 @@
+"""Data: manifests, audio I/O, batching, the synthetic-data pipeline and the toy meetings world."""
