@@ -21,31 +21,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference import reference_model  # noqa: E402
 
 from model import load_pretrained  # noqa: E402
-
-
-def reference_model(args):
-    import transformers
-
-    head_dim = args.hidden // args.heads
-    half = int(head_dim * 0.75) // 2
-    config = transformers.Phi4MultimodalConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=8 * args.seq, original_max_position_embeddings=args.seq,
-        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
-                         "short_factor": [1.0] * half, "long_factor": [2.0] * half},
-        bos_token_id=1, eos_token_id=[2], pad_token_id=0,
-        audio_config=dict(hidden_size=32, intermediate_size=48, num_blocks=1, num_attention_heads=2,
-                          nemo_conv_channels=8, ext_pw_out_channel=32, depthwise_separable_out_channel=32,
-                          audio_token_id=args.vocab - 1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, crop_size=28, patch_size=14),
-    )
-    torch.manual_seed(0)
-    return transformers.Phi4MultimodalForCausalLM(config).train()
 
 
 def step_time(forward, input_ids) -> float:
@@ -68,7 +48,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
 
-    reference = reference_model(args)
+    reference = reference_model(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                                kv_heads=args.kv_heads, original_max=args.seq).train()
     with tempfile.TemporaryDirectory() as directory:
         reference.save_pretrained(directory)
         ours = load_pretrained(directory).train()

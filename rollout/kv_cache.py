@@ -35,6 +35,14 @@ class StaticKVCache:
             config.num_layers, batch_size, config.num_kv_heads, config.head_dim, max_length, dtype=dtype, device=device
         )
 
+    def repeat_rows(self, repeats: int) -> "StaticKVCache":
+        """A cache whose row r * repeats + j is a copy of row r (N samples sharing one prefill)."""
+        copy = object.__new__(StaticKVCache)
+        copy.keys = [k.repeat_interleave(repeats, dim=0) for k in self.keys]
+        copy.values = [v.repeat_interleave(repeats, dim=0) for v in self.values]
+        copy.max_length, copy.offset = self.max_length, self.offset
+        return copy
+
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
         """Write key/value (B, H_kv, T, D) at [offset, offset + T); return the filled prefix."""
         end = self.offset + key.shape[2]

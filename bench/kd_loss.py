@@ -1,0 +1,204 @@
+"""Distillation loss + backward: fused (losses.kd.fused_kd_loss) vs naive (full logits + log_softmax).
+
+Phi-4-mini sizes by default: hidden 3072, vocabulary 200064, 2048 response tokens, float32 on
+CPU. The student's LM head is frozen (in this project only the projector and LoRA train), so
+the backward pass produces d loss / d hidden states. Two teachers (``--teachers``):
+
+* ``head``: a local teacher given by its hidden states and its own [V, H] LM head. The naive form
+  builds both models' [N, V] logits; the fused form builds (chunk, V) pieces of both.
+* ``topk``: an API teacher's top 20 tokens + tail bucket. The naive form builds the student's
+  [N, V] logits and log-softmax; the fused form builds (chunk, V) pieces.
+
+Each (teacher, variant) runs in a fresh child process, so its peak resident memory (ru_maxrss)
+is its own; the runs alternate naive / fused. Reported per run: the time of one loss + backward
+(best of ``--repeats``), the peak RSS of the process, and the peak above the RSS measured once
+the inputs exist (the loss's own memory: the inputs, chiefly the 2.5 GB float32 LM head(s), are
+the same for both forms). The last line is JSON with the ratios fused / naive.
+
+    python bench/kd_loss.py                       # full size, a few minutes on 2 cores
+    python bench/kd_loss.py --vocab 32000 --tokens 512 --repeats 1   # quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from losses.kd import TeacherHead, TeacherTopK, fused_kd_loss
+
+TOP_K = 20
+TEACHER_HIDDEN = 3072
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def make_inputs(args, teacher: str):
+    """Random inputs, created in place so that no temporary exceeds the tensors themselves."""
+    gen = torch.Generator().manual_seed(0)
+    student_hidden = torch.randn(1, args.tokens, args.hidden, generator=gen)  # (1, N, H)
+    lm_head_weight = torch.randn(args.vocab, args.hidden, generator=gen).mul_(args.hidden**-0.5)  # (V, H), frozen
+    mask = torch.ones(1, args.tokens, dtype=torch.bool)
+    if teacher == "head":
+        teacher_hidden = torch.randn(1, args.tokens, TEACHER_HIDDEN, generator=gen)
+        teacher_weight = torch.randn(args.vocab, TEACHER_HIDDEN, generator=gen).mul_(2 * TEACHER_HIDDEN**-0.5)
+        teacher_inputs = (teacher_hidden, teacher_weight)
+    else:
+        ids = torch.stack([torch.randperm(args.vocab, generator=gen)[:TOP_K] for _ in range(args.tokens)])[None]
+        logprobs = torch.log_softmax(torch.randn(1, args.tokens, TOP_K + 1, generator=gen) * 2, -1)[..., :TOP_K]
+        teacher_inputs = (ids, logprobs.contiguous())  # top-k mass < 1: the tail bucket is non-empty
+    return student_hidden, lm_head_weight, mask, teacher_inputs
+
+
+def naive_loss(student_hidden, lm_head_weight, mask, teacher: str, teacher_inputs):
+    """Textbook forms: every [N, V] tensor materialised in float32 (TRL-style)."""
+    num_tokens = int(mask.sum())
+    logits = student_hidden[mask] @ lm_head_weight.T  # (N, V)
+    student_logprobs = torch.log_softmax(logits, dim=-1)  # (N, V)
+    if teacher == "head":
+        teacher_hidden, teacher_weight = teacher_inputs
+        with torch.no_grad():
+            teacher_logprobs = torch.log_softmax(teacher_hidden[mask] @ teacher_weight.T, dim=-1)  # (N, V)
+        return F.kl_div(student_logprobs, teacher_logprobs, log_target=True, reduction="sum") / num_tokens
+    ids, topk_logprobs = teacher_inputs[0][mask], teacher_inputs[1][mask]  # (N, k)
+    student_topk = student_logprobs.gather(-1, ids)  # (N, k)
+    student_tail = torch.log1p(-student_topk.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))  # (N, 1)
+    teacher_tail = torch.log1p(-topk_logprobs.exp().sum(-1, keepdim=True))  # (N, 1)
+    student_buckets = torch.cat([student_topk, student_tail], -1)
+    teacher_buckets = torch.cat([topk_logprobs, teacher_tail], -1)
+    return F.kl_div(student_buckets, teacher_buckets, log_target=True, reduction="sum") / num_tokens
+
+
+def fused_loss(student_hidden, lm_head_weight, mask, teacher: str, teacher_inputs, chunk_size: int):
+    spec = TeacherHead(*teacher_inputs) if teacher == "head" else TeacherTopK(*teacher_inputs)
+    return fused_kd_loss(student_hidden, lm_head_weight, spec, mask, chunk_size=chunk_size)
+
+
+def child(args) -> None:
+    torch.set_num_threads(args.threads)
+    student_hidden, lm_head_weight, mask, teacher_inputs = make_inputs(args, args.teacher)
+    rss_with_inputs = current_rss_bytes()
+    times, loss_value, grad = [], None, None
+    for _ in range(args.repeats):
+        hidden = student_hidden.clone().requires_grad_(True)
+        start = time.perf_counter()
+        if args.variant == "naive":
+            loss = naive_loss(hidden, lm_head_weight, mask, args.teacher, teacher_inputs)
+        else:
+            loss = fused_loss(hidden, lm_head_weight, mask, args.teacher, teacher_inputs, args.chunk_size)
+        loss.backward()
+        times.append(time.perf_counter() - start)
+        loss_value, grad = loss.item(), hidden.grad
+        del loss, hidden
+    print(
+        json.dumps(
+            {
+                "time_s": min(times),
+                "times_s": times,
+                "peak_rss": peak_rss_bytes(),
+                "rss_with_inputs": rss_with_inputs,
+                "loss": loss_value,
+                "grad_norm": grad.norm().item(),
+                "grad_sample": grad[0, :4, :4].flatten().tolist(),
+            }
+        )
+    )
+
+
+def run_child(args, teacher: str, variant: str) -> dict:
+    command = [
+        sys.executable, __file__, "--child", "--teacher", teacher, "--variant", variant,
+        "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--tokens", str(args.tokens),
+        "--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats), "--threads", str(args.threads),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} / {teacher} child failed (exit {done.returncode}):\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=3072)
+    parser.add_argument("--vocab", type=int, default=200064)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2, help="timed loss + backward runs per child (best is kept)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--teachers", default="head,topk", help="comma list of: head, topk")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    gb = 1e9
+    print(
+        f"distillation loss + backward: N={args.tokens} tokens, H={args.hidden}, V={args.vocab}, float32, CPU "
+        f"({args.threads} threads), frozen LM head, chunk {args.chunk_size}, best of {args.repeats}"
+    )
+    header = f"{'teacher':8} {'variant':7} {'time s':>8} {'peak RSS GB':>12} {'above inputs GB':>16} {'loss':>12}"
+    print(header)
+    print("-" * len(header))
+    summary = {}
+    for teacher in args.teachers.split(","):
+        results = {variant: run_child(args, teacher, variant) for variant in ("naive", "fused")}
+        for variant, r in results.items():
+            above = (r["peak_rss"] - r["rss_with_inputs"]) / gb
+            peak = r["peak_rss"] / gb
+            print(f"{teacher:8} {variant:7} {r['time_s']:8.2f} {peak:12.2f} {above:16.2f} {r['loss']:12.6f}")
+        naive, fused = results["naive"], results["fused"]
+        ratios = {
+            "memory_ratio": fused["peak_rss"] / naive["peak_rss"],
+            "memory_ratio_above_inputs": (fused["peak_rss"] - fused["rss_with_inputs"])
+            / (naive["peak_rss"] - naive["rss_with_inputs"]),
+            "time_ratio": fused["time_s"] / naive["time_s"],
+            "loss_rel_diff": abs(fused["loss"] - naive["loss"]) / abs(naive["loss"]),
+            "grad_norm_rel_diff": abs(fused["grad_norm"] - naive["grad_norm"]) / naive["grad_norm"],
+            "grad_sample_max_abs_diff": max(abs(a - b) for a, b in zip(fused["grad_sample"], naive["grad_sample"])),
+        }
+        summary[teacher] = {key: float(f"{value:.4g}") for key, value in ratios.items()}
+        print(
+            f"  {teacher}: fused / naive: peak RSS {ratios['memory_ratio']:.3f}, peak above inputs "
+            f"{ratios['memory_ratio_above_inputs']:.3f}, time {ratios['time_ratio']:.3f}; "
+            f"loss rel diff {ratios['loss_rel_diff']:.1e}, grad norm rel diff {ratios['grad_norm_rel_diff']:.1e}"
+        )
+    primary = summary[args.teachers.split(",")[0]]  # the top-level ratios are those of the first teacher
+    print(
+        json.dumps(
+            {
+                "bench": "kd_loss",
+                "tokens": args.tokens,
+                "hidden": args.hidden,
+                "vocab": args.vocab,
+                "teacher": args.teachers.split(",")[0],
+                "memory_ratio": primary["memory_ratio"],
+                "memory_ratio_above_inputs": primary["memory_ratio_above_inputs"],
+                "time_ratio": primary["time_ratio"],
+                "by_teacher": summary,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Greedy generation: our KV-cached sampler vs transformers' generate() vs a recompute loop.
+
+Same weights (ours is loaded from the transformers checkpoint), same prompts, greedy, no EOS
+(every row generates exactly --new tokens), float32 on CPU by default: a decoder of hidden 512,
+8 layers, 8 heads / 2 KV heads, vocabulary 32000, batch 8, 256-token prompts that each hold one
+audio clip of a different length, 128 new tokens.
+
+    python bench/sampler.py [--batch 8 --prompt 256 --new 128]
+
+The recompute loop (rollout/recompute.py: full forward over prompt + generated tokens at each
+step, no cache) is timed on the first --recompute-prompts prompts only, since it is slow; its
+tokens/s are per generated token like the others. Last line: JSON with both speedups.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference import reference_model  # noqa: E402
+
+from model import load_pretrained  # noqa: E402
+from rollout.recompute import greedy_by_recompute  # noqa: E402
+from rollout.sampler import SamplingParams, generate  # noqa: E402
+
+
+def make_batch(args, audio_token: int):
+    """Prompts of exactly args.prompt tokens: text, one clip of 40-96 audio tokens, text."""
+    gen = torch.Generator().manual_seed(0)
+    audio_tokens = torch.linspace(40, 96, args.batch).long()
+    frames = audio_tokens * 8
+    prompts = []
+    for n in audio_tokens.tolist():
+        text = torch.randint(3, args.vocab - 1, (args.prompt - n,), generator=gen)
+        prompts.append(torch.cat([text[:5], torch.full((n,), audio_token), text[5:]]))
+    features = torch.randn(args.batch, int(frames.max()), 80, generator=gen)
+    features[torch.arange(features.shape[1])[None] >= frames[:, None]] = 0.0
+    return prompts, features, frames, audio_tokens
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--recompute-prompts", type=int, default=2)
+    args = parser.parse_args()
+
+    reference = reference_model(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                                kv_heads=args.kv_heads, original_max=4096).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        ours = load_pretrained(directory).eval()
+    prompts, features, frames, audio_tokens = make_batch(args, args.vocab - 1)
+    params = SamplingParams(max_new_tokens=args.new, temperature=0)
+
+    generate(ours, prompts[:1], SamplingParams(max_new_tokens=2, temperature=0),
+             audio_features=features[:1], audio_lengths=frames[:1])  # warm-up
+    rollout, ours_s = timed(lambda: generate(ours, prompts, params, audio_features=features, audio_lengths=frames))
+
+    input_ids = torch.stack(prompts)  # all prompts have the same length: no text padding
+    with torch.no_grad():
+        hf_out, hf_s = timed(lambda: reference.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), audio_input_features=features,
+            audio_embed_sizes=audio_tokens, audio_attention_mask=torch.arange(features.shape[1])[None] < frames[:, None],
+            max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0))
+    hf_tokens = hf_out[:, args.prompt:]
+
+    count = args.recompute_prompts
+    recomputed, recompute_s = timed(lambda: [
+        greedy_by_recompute(ours, prompts[i], args.new, audio_features=features[i:i + 1, : int(frames[i])],
+                            audio_lengths=frames[i:i + 1])
+        for i in range(count)])
+
+    agree_hf = (rollout.tokens == hf_tokens).float().mean().item()
+    agree_recompute = (rollout.tokens[:count] == torch.tensor(recomputed)).float().mean().item()
+    rates = {
+        "ours": args.batch * args.new / ours_s,
+        "transformers_generate": args.batch * args.new / hf_s,
+        "recompute_loop": count * args.new / recompute_s,
+    }
+    print(f"decoder hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, vocab "
+          f"{args.vocab}; batch {args.batch} x {args.prompt}-token prompts with audio, {args.new} new tokens, "
+          f"greedy, float32, {torch.get_num_threads()} threads")
+    for name, rate in rates.items():
+        print(f"{name:>22}: {rate:8.1f} generated tokens/s")
+    print(f"greedy tokens equal to transformers: {agree_hf:.1%}, to the recompute loop: {agree_recompute:.1%}")
+    print(json.dumps({
+        "benchmark": "greedy_generation",
+        "ours_tokens_per_s": round(rates["ours"], 1),
+        "transformers_tokens_per_s": round(rates["transformers_generate"], 1),
+        "recompute_tokens_per_s": round(rates["recompute_loop"], 1),
+        "speedup_vs_transformers": round(rates["ours"] / rates["transformers_generate"], 2),
+        "speedup_vs_recompute": round(rates["ours"] / rates["recompute_loop"], 2),
+        "token_agreement_transformers": agree_hf,
+    }))
+
+
+if __name__ == "__main__":
+    main()
