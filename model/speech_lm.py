@@ -44,9 +44,12 @@ class SpeechLM(nn.Module):
         if self.encoder is None:
             raise ValueError("audio_features given, but this SpeechLM has no speech encoder (config.encoder is None)")
         # audio_lengths None: every clip fills all frames (the reference passes no mask then).
-        encoded, token_counts = self.encoder(
-            audio_features.to(embeds.dtype), audio_lengths, mask_padding=self.config.encoder.mask_padding
-        )  # (N, T', D_enc), (N,)
+        # A frozen encoder keeps no activations for backward: 30-minute clips stay affordable.
+        encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+            encoded, token_counts = self.encoder(
+                audio_features.to(embeds.dtype), audio_lengths, mask_padding=self.config.encoder.mask_padding
+            )  # (N, T', D_enc), (N,)
         audio_embeds = self.projector(encoded)  # (N, T', hidden)
         clip_tokens = torch.cat([audio_embeds[i, :n] for i, n in enumerate(token_counts.tolist())])  # (sum n, hidden)
         num_placeholders = int(placeholder.sum())

@@ -102,3 +102,46 @@ def test_audio_changes_the_logits(models):
     assert (first[0, :3] - second[0, :3]).abs().max() == 0  # text before the audio is untouched
     assert (first[0, 3] - second[0, 3]).abs().max() > 1e-3  # the first placeholder position
     assert (first[0, -1] - second[0, -1]).abs().max() > 0  # and, through attention, the text after it
+
+
+def gradients(model, input_ids, features):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids, audio_features=features)
+    logits.float().pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_gives_the_same_gradients(models):
+    _, ours = models["native"]
+    input_ids = prompt([tokens(333)], 5, seed=2)[None]
+    features = torch.randn(1, 333, 80, generator=torch.Generator().manual_seed(4))
+    ours.train()
+    try:
+        plain = gradients(ours, input_ids, features)
+        ours.decoder.gradient_checkpointing = ours.encoder.gradient_checkpointing = True
+        checkpointed = gradients(ours, input_ids, features)
+    finally:
+        ours.decoder.gradient_checkpointing = ours.encoder.gradient_checkpointing = False
+        ours.eval()
+        ours.zero_grad(set_to_none=True)
+    assert plain.keys() == checkpointed.keys() and any(k.startswith("encoder.") for k in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_frozen_encoder_keeps_no_graph_while_projector_and_lora_train(models, tmp_path):
+    from model import save_pretrained
+    from model.lora import apply_lora, mark_trainable
+
+    _, source = models["native"]
+    save_pretrained(source, tmp_path / "copy")
+    model = load_pretrained(tmp_path / "copy").train()
+    apply_lora(model, rank=2, alpha=4)
+    mark_trainable(model, extra_prefixes=("projector.",))
+    outputs = []
+    model.encoder.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+    input_ids = prompt([tokens(333)], 5, seed=2)[None]
+    grads = gradients(model, input_ids, torch.randn(1, 333, 80))
+    assert not outputs[0].requires_grad  # no activations kept for the frozen encoder
+    assert {n.split(".")[0] for n in grads} == {"decoder", "projector"}
+    assert all(n.startswith("projector.") or n.endswith((".lora_a", ".lora_b")) for n in grads)
