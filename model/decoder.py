@@ -169,6 +169,17 @@ class Phi4MiniDecoder(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh weights as transformers initialises Phi-3/Phi-4: N(0, 0.02) projections and
+        embeddings, unit norms. Checkpoint loading overwrites all of them."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
 
     def forward(
         self,

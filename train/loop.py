@@ -1,0 +1,312 @@
+"""One training loop for every stage (SFT, on-policy KD, DPO), read top to bottom.
+
+A stage (train/stages.py) supplies three things:
+  prepare(model, batch) -> batch      experience that needs no gradient (KD: the student's
+                                      samples and the teacher's log-probs), run in eval mode
+  loss_units(batch) -> int            how many terms the loss sums (response tokens; DPO pairs)
+  loss(model, batch) -> (sum, metrics) the summed loss over those units, differentiable
+
+Per optimizer step, on each rank:
+  1. take `grad_accum` micro-batches and prepare them;
+  2. count their loss units and all-reduce the count: N = units of the *global* batch;
+  3. for each micro-batch: backward of loss_sum * world_size / N, inside DDP's `no_sync` for
+     all but the last, so gradients are all-reduced (averaged over ranks) once per step. The
+     world_size factor cancels DDP's averaging: the result is the gradient of
+     (sum over every rank and micro-batch) / N, exactly what one process with the whole global
+     batch computes (tests/train/test_ddp.py checks this to 1e-6);
+  4. clip the global gradient norm, AdamW step, warmup + cosine learning rate.
+
+DDP wraps a small module whose forward *is* the stage's loss, so every model call of a stage
+(logits, hidden states for the fused KD loss, the DPO reference with adapters disabled) runs
+inside DDP's forward, and only the trainable parameters (LoRA, projector) are synchronised.
+
+Checkpoints (atomic: written under a temporary name, then renamed) hold the trainable weights
+(safetensors), the optimizer state (loaded with weights_only=True), the step, the data
+position, every rank's RNG state and the resolved config; `latest` names the newest. A run
+whose out_dir has `latest` resumes from it and continues with the same losses. A non-finite
+loss stops the run with a message naming the step and the sample ids (saved to a JSON file).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from model.safeio import atomic_save_safetensors, atomic_write_text
+
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, barrier, is_distributed, rng_state, set_rng_state
+
+
+class Stage(Protocol):
+    name: str
+
+    def prepare(self, model: nn.Module, batch: Any) -> Any: ...
+
+    def loss_units(self, batch: Any) -> int: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class BatchSource(Protocol):
+    """Deterministic batches: the same (epoch, rank) always gives the same plans in the same order."""
+
+    def epoch_plans(self, epoch: int) -> list[Any]: ...
+
+    def load(self, plan: Any) -> Any: ...
+
+    def sample_ids(self, batch: Any) -> list[str]: ...
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StageForward(nn.Module):
+    """forward(batch) = the stage's loss on the model: the unit DDP wraps."""
+
+    def __init__(self, model: nn.Module, stage: Stage):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+
+    def forward(self, batch):
+        return self.stage.loss(self.model, batch)
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, and the next batch of which epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+
+
+def learning_rate(step: int, optim) -> float:
+    """Linear warmup to optim.lr over warmup_steps, then cosine down to lr * min_lr_ratio."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(1, optim.max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    floor = optim.lr * optim.min_lr_ratio
+    return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: apply LoRA / mark the projector trainable before training")
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, position: Position, config: TrainConfig, info: DistInfo,
+                    keep_last: int) -> Path:
+    """Write out_dir/step_XXXXXXX atomically (every rank adds its RNG state) and update `latest`."""
+    name = f"step_{position.step:07d}"
+    final, tmp = out_dir / name, out_dir / f".tmp-{name}"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    atomic_write_text(tmp / f"rng_rank{info.rank}.json", json.dumps(rng_state()))
+    barrier()
+    if info.is_main:
+        atomic_save_safetensors(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        atomic_write_text(tmp / "position.json", json.dumps(position.__dict__))
+        config.save(tmp / "config.json")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(out_dir / "latest", name)
+        old = sorted(p for p in out_dir.glob("step_*") if p.is_dir())[:-keep_last] if keep_last > 0 else []
+        for stale in old:
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(directory: Path, model, optimizer, info: DistInfo) -> Position:
+    """Restore trainable weights, optimizer, this rank's RNG and the position from `directory`."""
+    trainable = load_file(str(directory / "trainable.safetensors"))
+    expected = trainable_state(model)
+    if set(trainable) != set(expected):
+        raise ValueError(f"{directory}: trainable tensors {sorted(set(trainable) ^ set(expected))[:5]} differ "
+                         "from the model's; the run's config (LoRA, projector) changed since it was saved")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in trainable:
+                param.copy_(trainable[name])
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+    rng_file = directory / f"rng_rank{info.rank}.json"
+    if not rng_file.is_file():
+        raise ValueError(f"{rng_file}: missing; resume with the same number of processes ({info.world_size})")
+    set_rng_state(json.loads(rng_file.read_text()))
+    return Position(**json.loads((directory / "position.json").read_text()))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / "latest"
+    if not pointer.is_file():
+        return None
+    directory = out_dir / pointer.read_text().strip()
+    return directory if directory.is_dir() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLog:
+    """One JSON line per step (rank 0) in out_dir/metrics.jsonl, and a progress line on a terminal."""
+
+    def __init__(self, out_dir: Path, info: DistInfo, resume_step: int):
+        self.enabled = info.is_main
+        self.path = out_dir / "metrics.jsonl"
+        if self.enabled and self.path.exists():  # drop lines written after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self.terminal = sys.stderr.isatty()
+
+    def write(self, record: dict[str, Any], max_steps: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.terminal:
+            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+            print(f"\r[{record['step']}/{max_steps}] {shown}", end="", file=sys.stderr, flush=True)
+        else:
+            print(json.dumps(record), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def autocast_context(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(
+    config: TrainConfig,
+    model: nn.Module,
+    stage: Stage,
+    data: BatchSource,
+    info: DistInfo,
+    *,
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    stop_after: int | None = None,
+) -> Position:
+    """Run until config.optim.max_steps optimizer steps (or `stop_after` steps in this call)."""
+    optim, run = config.optim, config.run
+    out_dir = Path(run.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(info.device)
+    optimizer = build_optimizer(model, optim)
+    position = Position()
+    resume_from = latest_checkpoint(out_dir)
+    if resume_from is not None:
+        position = load_checkpoint(resume_from, model, optimizer, info)
+    log = MetricsLog(out_dir, info, position.step)
+
+    wrapped = StageForward(model, stage)
+    if is_distributed():
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(wrapped, device_ids=device_ids, broadcast_buffers=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    plans = data.epoch_plans(position.epoch)
+    steps_this_call = 0
+
+    while position.step < optim.max_steps and (stop_after is None or steps_this_call < stop_after):
+        start = time.perf_counter()
+        # 1. the micro-batches of this step, with their experience
+        micro_batches = []
+        for _ in range(optim.grad_accum):
+            if position.batch_index >= len(plans):
+                position.epoch, position.batch_index = position.epoch + 1, 0
+                plans = data.epoch_plans(position.epoch)
+                if not plans:
+                    raise ValueError("the training data yields no batch for this rank; add data or lower the batch size")
+            batch = data.load(plans[position.batch_index])
+            position.batch_index += 1
+            model.eval()
+            with torch.no_grad(), autocast_context(info.device):
+                micro_batches.append(stage.prepare(model, batch))
+        # 2. loss units of the global batch
+        local_units = sum(stage.loss_units(b) for b in micro_batches)
+        global_units = int(all_reduce_sum(torch.tensor([float(local_units)], device=info.device)).item())
+        if global_units == 0:
+            raise ValueError(f"step {position.step + 1}: the global batch has no loss tokens (all prompts, no response?)")
+        scale = info.world_size / global_units
+        # 3. forward / backward, gradients synchronised on the last micro-batch only
+        model.train()
+        metric_sums: dict[str, float] = {"loss": 0.0}
+        for index, batch in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not is_distributed() else wrapped.no_sync()
+            with sync:
+                with autocast_context(info.device):
+                    loss_sum, metrics = wrapped(batch)
+                if not torch.isfinite(loss_sum.detach()):
+                    report_nonfinite(out_dir, position.step + 1, info, data.sample_ids(batch))
+                (loss_sum.float() * scale).backward()
+            metric_sums["loss"] += float(loss_sum.detach())
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        # 4. clip, step, schedule
+        lr = learning_rate(position.step, optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        position.step += 1
+        steps_this_call += 1
+
+        keys = sorted(metric_sums)
+        totals = all_reduce_sum(torch.tensor([metric_sums[k] for k in keys] + [float(local_units)],
+                                             dtype=torch.float64, device=info.device)).tolist()
+        elapsed = time.perf_counter() - start
+        record = {"step": position.step, "lr": lr, "grad_norm": float(grad_norm), "units": global_units,
+                  "units_per_s": global_units / elapsed}
+        record.update({k: totals[i] / global_units for i, k in enumerate(keys)})
+        if position.step % run.log_every == 0 or position.step == optim.max_steps:
+            log.write(record, optim.max_steps)
+        if evaluate is not None and run.eval_every and position.step % run.eval_every == 0:
+            log.write({"step": position.step, **evaluate(model, position.step)}, optim.max_steps)
+        finished = position.step >= optim.max_steps
+        if finished or (run.save_every and position.step % run.save_every == 0):
+            save_checkpoint(out_dir, model, optimizer, position, config, info, run.keep_last)
+    return position
+
+
+def report_nonfinite(out_dir: Path, step: int, info: DistInfo, sample_ids: list[str]) -> None:
+    path = out_dir / f"nonfinite_step{step}_rank{info.rank}.json"
+    atomic_write_text(path, json.dumps({"step": step, "rank": info.rank, "sample_ids": sample_ids}))
+    raise NonFiniteLoss(f"step {step}, rank {info.rank}: the loss is NaN or inf on samples {sample_ids[:8]}; "
+                        f"their ids are saved in {path}. Check these inputs, or lower optim.lr")
