@@ -43,10 +43,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden.dtype
-        hidden = hidden.float()
-        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * hidden.to(input_dtype)
+        normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=self.eps)  # x / sqrt(mean(x^2) + eps)
+        return self.weight * normed.to(hidden.dtype)
 
 
 class RotaryEmbedding(nn.Module):
