@@ -1,0 +1,444 @@
+"""Teachers: the local teacher against a brute-force forward; the OpenAI-compatible teacher over
+real HTTP (rollout.server in a thread, the real `openai` client) against the local teacher; and
+the shared client's retries, cache, concurrency, crash safety and secrecy against a scripted stub.
+"""
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.tokenizer import load_tokenizer
+from rollout.api_client import ApiClient, ApiRequest, EndpointError, ResponseCache, RetriesExhaustedError, RetryPolicy
+from rollout.server import load_service, make_server
+from rollout.teachers import (
+    CHAT_ONLY_EXPLANATION,
+    LocalTeacher,
+    OpenAICompatibleTeacher,
+    ScoringUnsupportedError,
+    TeacherAlignmentError,
+)
+from tests.rollout.http_stub import Reply, StubServer
+from tests.rollout.tiny_checkpoint import build_tiny_checkpoint
+
+K = 5
+SECRET = "sk-test-TEACHER-3b9f0c1d2e"  # recognisable, so a leak shows up in a grep
+KEY_ENV = "SPEECHSUM_TEST_TEACHER_KEY"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("teacher_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    return load_tokenizer(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def local(checkpoint):
+    return LocalTeacher.from_pretrained(checkpoint, top_k=K)
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    """rollout.server on 127.0.0.1 (free port) in a thread, requiring the test key."""
+    server = make_server(load_service(checkpoint, model_name="tiny"), "127.0.0.1", 0, api_key=SECRET)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def batch(local):
+    """Three teacher prompts of different lengths; responses of 9, 4 and 0 tokens."""
+    tok = local.tokenizer
+    prompts = [
+        local.prompt("We agreed the remote control should cost 25 euros.", "Summarize briefly."),
+        local.prompt("The marketing manager said the battery button design is next week.", "List the action items."),
+        local.prompt("Budget.", "Summarize."),
+    ]
+    responses = [tok.encode_response("The team agreed on 25 euros."), tok.encode_response("- design"), []]
+    assert [len(r) for r in responses][:2] != [0, 0] and len(responses[0]) > len(responses[1]) > 0
+    return prompts, responses
+
+
+def api_teacher(url, tokenizer=None, **options):
+    options.setdefault("mode", "prompt_logprobs")
+    return OpenAICompatibleTeacher(url, "tiny", K, tokenizer=tokenizer, api_key_env=KEY_ENV, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# local teacher
+
+
+def test_local_teacher_equals_brute_force_forward(local, batch):
+    """Batched (right padding), chunked scoring = one unpadded forward per sequence, log_softmax."""
+    prompts, responses = batch
+    model = local.model
+    full = LocalTeacher(model, local.tokenizer, batch_size=2, chunk_tokens=3).score(prompts, responses)
+    topk = LocalTeacher(model, local.tokenizer, top_k=K, batch_size=2, chunk_tokens=3).score(prompts, responses)
+    hidden, hidden_mask = local.hidden_states(prompts, responses)
+    assert full.logprobs.shape == (3, len(responses[0]), model.config.decoder.vocab_size)
+    assert full.mask.tolist() == topk.mask.tolist() == hidden_mask.tolist()
+    assert full.mask.sum(-1).tolist() == [len(r) for r in responses]
+    with torch.no_grad():
+        for b, (prompt, response) in enumerate(zip(prompts, responses)):
+            if not response:
+                assert not full.mask[b].any() and torch.isinf(topk.logprobs[b]).all()
+                continue
+            n = len(response)
+            logits = model(torch.tensor([prompt + response]))[0, len(prompt) - 1 : -1]  # (n, V)
+            expected = logits.float().log_softmax(-1)
+            torch.testing.assert_close(full.logprobs[b, :n], expected, atol=1e-5, rtol=0)
+            token_logprobs = expected.gather(-1, torch.tensor(response)[:, None])[:, 0]
+            torch.testing.assert_close(full.token_logprobs[b, :n], token_logprobs, atol=1e-5, rtol=0)
+            values, ids = expected.topk(K, dim=-1)
+            assert topk.ids[b, :n].tolist() == ids.tolist()
+            torch.testing.assert_close(topk.logprobs[b, :n], values, atol=1e-5, rtol=0)
+            torch.testing.assert_close(topk.token_logprobs[b, :n], full.token_logprobs[b, :n], atol=1e-6, rtol=0)
+            # TeacherHead form: hidden states through the LM head give the same distribution
+            head = model.decoder.logits(hidden[b, :n]).float().log_softmax(-1)
+            torch.testing.assert_close(head, expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible teacher against rollout.server over real HTTP
+
+
+@pytest.mark.parametrize("mode", ["prompt_logprobs", "echo"])
+def test_api_teacher_equals_local_teacher_over_http(served, local, batch, mode):
+    prompts, responses = batch
+    teacher = api_teacher(served, local.tokenizer, mode=mode)
+    remote, expected = teacher.score(prompts, responses), local.score(prompts, responses)
+    assert remote.mask.tolist() == expected.mask.tolist()
+    assert remote.ids[remote.mask].tolist() == expected.ids[expected.mask].tolist()
+    torch.testing.assert_close(remote.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(remote.token_logprobs, expected.token_logprobs, atol=1e-5, rtol=0)
+    usage = teacher.usage
+    assert usage.requests == 2 and usage.retries == 0  # the empty response needs no request
+    assert usage.prompt_tokens == len(prompts[0] + responses[0]) + len(prompts[1] + responses[1])
+
+
+@pytest.mark.parametrize("form", ["strings", "vllm_token_ids"])
+def test_echo_mode_without_the_id_fields(served, local, batch, form):
+    """A proxy strips rollout.server's `token_ids` / `top_logprobs_by_id`: the legacy answer has only
+    token strings, which the teacher maps to ids through the tokenizer (exact match), or refuses;
+    or (form "vllm_token_ids") the strings are vLLM's "token_id:N" (--return-tokens-as-token-ids)."""
+    import urllib.request
+
+    def strip_ids(request):
+        forward = urllib.request.Request(served + "/completions", data=json.dumps(request.body).encode(),
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": request.headers["authorization"]})
+        with urllib.request.urlopen(forward, timeout=10) as answer:
+            body = json.loads(answer.read())
+        for choice in body["choices"]:
+            block = choice["logprobs"]
+            ids, by_id = block.pop("token_ids"), block.pop("top_logprobs_by_id")
+            if form == "vllm_token_ids":
+                block["tokens"] = [f"token_id:{i}" for i in ids]
+                block["top_logprobs"] = [None if top is None else {f"token_id:{i}": lp for i, lp in top.items()}
+                                         for top in by_id]
+        return Reply(body=body)
+
+    prompts, responses = batch
+    with StubServer(strip_ids) as proxy:
+        remote = api_teacher(proxy.base_url, local.tokenizer, mode="echo").score(prompts, responses)
+        expected = local.score(prompts, responses)
+        assert remote.ids[remote.mask].tolist() == expected.ids[expected.mask].tolist()
+        torch.testing.assert_close(remote.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+        if form == "strings":
+            with pytest.raises(TeacherAlignmentError, match="token strings without ids; pass tokenizer="):
+                api_teacher(proxy.base_url, None, mode="echo").score(prompts[:1], responses[:1])
+        else:
+            no_tokenizer = api_teacher(proxy.base_url, None, mode="echo").score(prompts, responses)
+            assert torch.equal(no_tokenizer.ids, remote.ids)
+
+
+def test_wrong_key_is_refused_without_retries(served, local, batch, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-wrong")
+    teacher = api_teacher(served, local.tokenizer)
+    with pytest.raises(EndpointError, match="HTTP 401"):
+        teacher.score(*[x[:1] for x in batch])
+    assert teacher.usage.requests == 1 and teacher.usage.failed_calls == 1
+
+
+def test_missing_key_variable_is_named(monkeypatch):
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(ValueError, match=f"environment variable {KEY_ENV} .* is not set"):
+        api_teacher("http://127.0.0.1:9/v1")
+
+
+# ---------------------------------------------------------------------------------------------
+# a scripted stub: faults, cache, misalignment, chat-only endpoints
+
+VOCAB = 300
+
+
+def fake_prompt_logprobs(ids, k, *, drop_actual=False, alternatives=None):
+    """A vLLM-format answer of a made-up teacher: at position p the top k ids are (ids[p] + j) % V
+    with log-prob -0.5 (j + 1) - 0.01 p, so the prompt token itself is rank 1."""
+    entries = [None]
+    for p in range(1, len(ids)):
+        entry = {str((ids[p] + j) % VOCAB): {"logprob": -0.5 * (j + 1) - 0.01 * p, "rank": j + 1, "decoded_token": "?"}
+                 for j in range(alternatives or k)}
+        if drop_actual:
+            entry.pop(str(ids[p]))
+        entries.append(entry)
+    return {"id": "cmpl-stub", "object": "text_completion", "model": "tiny",
+            "choices": [{"index": 0, "text": "", "finish_reason": "length", "prompt_logprobs": entries}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}}
+
+
+def vllm_like(request):
+    if not request.path.endswith("/completions") or not isinstance(request.body, dict):
+        return Reply(404)
+    return Reply(body=fake_prompt_logprobs(request.body["prompt"], request.body["prompt_logprobs"]))
+
+
+def expected_fake(prompt, response):
+    """What the teacher must return for fake_prompt_logprobs: (ids (T, k), logprobs (T, k), token_logprobs (T,))."""
+    positions = range(len(prompt), len(prompt) + len(response))
+    ids = [[(response[t] + j) % VOCAB for j in range(K)] for t in range(len(response))]
+    logprobs = [[-0.5 * (j + 1) - 0.01 * p for j in range(K)] for p in positions]
+    return torch.tensor(ids), torch.tensor(logprobs), torch.tensor([-0.5 - 0.01 * p for p in positions])
+
+
+PROMPTS = [[7, 20, 21, 22, 6, 5], [7, 30, 31, 6, 5]]
+RESPONSES = [[40, 41, 42, 6], [50, 6]]
+FAST_RETRY = RetryPolicy(max_attempts=6, initial_backoff_s=0.05, max_backoff_s=1.0, jitter=0.5)
+
+
+def assert_fake_result(result, prompts=PROMPTS, responses=RESPONSES):
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        ids, logprobs, token_logprobs = expected_fake(prompt, response)
+        n = len(response)
+        assert result.ids[b, :n].tolist() == ids.tolist()
+        torch.testing.assert_close(result.logprobs[b, :n], logprobs.float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(result.token_logprobs[b, :n], token_logprobs.float(), atol=1e-6, rtol=0)
+
+
+def test_retries_429_500_timeout_malformed_then_succeeds(tmp_path):
+    script = [Reply(429, headers={"Retry-After": "0.2"}), Reply(500), Reply(delay_s=3.0, body={}),
+              Reply(body=b"{not json")]
+    sleeps = []
+    with StubServer(vllm_like, script=script) as stub:
+        teacher = api_teacher(stub.base_url, timeout_s=0.5, retry=FAST_RETRY, sleep=sleeps.append, seed=0,
+                              max_concurrency=1)
+        result = teacher.score(PROMPTS[:1], RESPONSES[:1])
+        assert stub.count("/completions") == 5
+    assert_fake_result(result, PROMPTS[:1], RESPONSES[:1])
+    usage = teacher.usage
+    assert (usage.requests, usage.retries, usage.failed_calls) == (5, 4, 0)
+    assert len(sleeps) == 4
+    assert sleeps[0] == 0.2  # Retry-After (0.2 s) is longer than the first backoff (<= 0.05 s)
+    for retry, delay in enumerate(sleeps[1:], start=1):  # equal jitter: [0.5, 1] x min(1, 0.05 * 2^retry)
+        ceiling = FAST_RETRY.ceiling(retry)
+        assert 0.5 * ceiling <= delay <= ceiling
+
+
+def test_retries_are_bounded():
+    sleeps = []
+    with StubServer(lambda request: Reply(503)) as stub:
+        teacher = api_teacher(stub.base_url, retry=FAST_RETRY, sleep=sleeps.append)
+        with pytest.raises(RetriesExhaustedError, match="all 6 attempts failed: #1 HTTP 503"):
+            teacher.score(PROMPTS[:1], RESPONSES[:1])
+        assert stub.count() == 6 and len(sleeps) == 5
+
+
+def test_warm_cache_makes_zero_requests(tmp_path):
+    with StubServer(vllm_like) as stub:
+        first = api_teacher(stub.base_url, cache_dir=tmp_path / "cache").score(PROMPTS, RESPONSES)
+        assert stub.count() == 2
+        rerun = api_teacher(stub.base_url, cache_dir=tmp_path / "cache")
+        second = rerun.score(PROMPTS, RESPONSES)
+        assert stub.count() == 2  # nothing new reached the server
+    assert rerun.usage.cache_hits == 2 and rerun.usage.requests == 0
+    assert_fake_result(first)
+    for name in ("ids", "logprobs", "token_logprobs", "mask"):
+        assert torch.equal(getattr(first, name), getattr(second, name))
+
+
+def test_bounded_concurrency():
+    def slow(request):
+        time.sleep(0.15)
+        return vllm_like(request)
+
+    prompts, responses = [PROMPTS[0]] * 9, [[40 + i, 6] for i in range(9)]
+    with StubServer(slow) as stub:
+        api_teacher(stub.base_url, max_concurrency=3).score(prompts, responses)
+        assert stub.count() == 9
+        assert stub.max_in_flight == 3
+
+
+@pytest.mark.parametrize("reply, reason", [
+    (Reply(404, body={"error": {"message": "This is a chat model and not supported in the v1/completions "
+                                           "endpoint. Did you mean to use v1/chat/completions?"}}), "HTTP 404"),
+    (Reply(400, body={"error": {"message": "Unrecognized request argument supplied: prompt_logprobs",
+                                "type": "invalid_request_error"}}), "HTTP 400"),
+    (Reply(body={"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": "!", "logprobs": None}]}),
+     "without `prompt_logprobs`"),
+])
+def test_chat_only_endpoint_fails_loudly(reply, reason):
+    with StubServer(lambda request: reply) as stub:
+        with pytest.raises(ScoringUnsupportedError) as error:
+            api_teacher(stub.base_url, retry=FAST_RETRY).score(PROMPTS[:1], RESPONSES[:1])
+        assert stub.count() == 1  # not retried
+    message = str(error.value)
+    assert reason in message and CHAT_ONLY_EXPLANATION in message
+    assert "OpenAI's public chat completions API" in message and "prompt_logprobs" in message and "echo" in message
+
+
+def test_a_cap_on_k_is_not_mistaken_for_a_chat_only_endpoint():
+    message = "Requested prompt logprobs of 5, which is greater than max allowed: 2"  # vLLM's words
+    cap = Reply(400, body={"error": {"message": message}})
+    with StubServer(lambda request: cap) as stub:
+        with pytest.raises(EndpointError, match="HTTP 400: Requested prompt logprobs of 5") as error:
+            api_teacher(stub.base_url).score(PROMPTS[:1], RESPONSES[:1])
+        assert error.value.status_code == 400 and stub.count() == 1  # an EndpointError, not ScoringUnsupportedError
+
+
+@pytest.mark.parametrize("answer, match", [
+    (lambda ids: fake_prompt_logprobs(ids[:-1], K), r"has 9 entries for the 10 prompt tokens"),
+    (lambda ids: fake_prompt_logprobs(ids, K, drop_actual=True),
+     r"prompt_logprobs\[6\]: the entry does not contain the token id"),
+    (lambda ids: fake_prompt_logprobs(ids, K, alternatives=3), r"returned 3 alternatives but top_k is 5"),
+    (lambda ids: {**fake_prompt_logprobs(ids, K), "choices": [{**fake_prompt_logprobs(ids, K)["choices"][0],
+                                                               "prompt_token_ids": ids[:-1] + [0]}]},
+     r"prompt_token_ids differ from the ids sent, first at position 9"),
+])
+def test_misalignment_fails_loudly(answer, match):
+    with StubServer(lambda request: Reply(body=answer(request.body["prompt"]))) as stub:
+        with pytest.raises(TeacherAlignmentError, match=match):
+            api_teacher(stub.base_url, retry=FAST_RETRY).score(PROMPTS[:1], RESPONSES[:1])
+        assert stub.count() == 1
+
+
+def fake_echo(ids, k):
+    """A legacy echo answer with rollout.server's id fields, from the same made-up teacher."""
+    positions = range(1, len(ids))
+    tops = [None] + [{str((ids[p] + j) % VOCAB): -0.5 * (j + 1) - 0.01 * p for j in range(k)} for p in positions]
+    block = {"tokens": [f"t{i}" for i in ids], "token_logprobs": [None] + [-0.5 - 0.01 * p for p in positions],
+             "top_logprobs": tops, "text_offset": list(range(len(ids))), "token_ids": list(ids),
+             "top_logprobs_by_id": tops}
+    return {"choices": [{"index": 0, "text": "", "logprobs": block, "finish_reason": "length"}]}
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda body: body, None),
+    (lambda body: body["choices"][0]["logprobs"]["token_ids"].__setitem__(7, 0) or body,
+     r"logprobs position 7: token_ids has 0, but 41 was sent"),
+    (lambda body: {"choices": [{"index": 0, "logprobs": {
+        name: values[:-1] for name, values in body["choices"][0]["logprobs"].items()}}]},
+     r"the echo covers 9 tokens but 10 were sent"),
+])
+def test_echo_answers_are_checked(corrupt, match):
+    def answer(request):
+        assert request.body["echo"] is True and request.body["max_tokens"] == 0 and request.body["logprobs"] == K
+        return Reply(body=corrupt(fake_echo(request.body["prompt"], K)))
+
+    with StubServer(answer) as stub:
+        teacher = api_teacher(stub.base_url, mode="echo")
+        if match is None:
+            assert_fake_result(teacher.score(PROMPTS[:1], RESPONSES[:1]), PROMPTS[:1], RESPONSES[:1])
+        else:
+            with pytest.raises(TeacherAlignmentError, match=match):
+                teacher.score(PROMPTS[:1], RESPONSES[:1])
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys
+    from rollout.api_client import ApiClient, ApiRequest
+    url, cache_dir = sys.argv[1], sys.argv[2]
+    client = ApiClient(url, api_key_env=None, cache_dir=cache_dir, max_concurrency=4)
+    client.map([ApiRequest("completions", {"model": "tiny", "prompt": [i]}, lambda body: body["choices"][0]["text"])
+                for i in range(100000)])
+""")
+
+
+def test_process_killed_mid_run_leaves_a_cache_that_loads(tmp_path):
+    """SIGKILL a process that is writing cache entries as fast as a stub answers (each entry about
+    100 kB), then load the cache, and rerun: only the missing entries are requested again."""
+    def answer(request):
+        return Reply(body={"choices": [{"index": 0, "text": f"{request.body['prompt'][0]}:" + "x" * 100_000}]})
+
+    cache_dir = tmp_path / "cache"
+    with StubServer(answer) as stub:
+        writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, stub.base_url, str(cache_dir)], cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while len(list(cache_dir.glob("??/*.json"))) < 25:
+                assert writer.poll() is None, writer.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "the writer produced no cache entries"
+                time.sleep(0.01)
+            writer.kill()
+        finally:
+            writer.kill()
+            writer.wait(timeout=10)
+        cache = ResponseCache(cache_dir)
+        keys = cache.keys()
+        assert len(keys) >= 25
+        assert all(cache.get(key)[0] for key in keys)  # every entry under its final name is complete
+        client = ApiClient(stub.base_url, api_key_env=None, cache_dir=cache_dir)
+        before = stub.count()
+        requests = [ApiRequest("completions", {"model": "tiny", "prompt": [i]}, lambda body: body["choices"][0]["text"])
+                    for i in range(60)]
+        cached = sum(cache.get(client.cache_key(request))[0] for request in requests)
+        assert cached >= 20  # the writer works through the requests in order
+        values = client.map(requests)
+        assert stub.count() - before == 60 - cached
+    assert client.usage.cache_hits == cached
+    assert [v.split(":")[0] for v in values] == [str(i) for i in range(60)]
+
+
+def test_unreadable_entry_is_a_miss(tmp_path, caplog):
+    cache = ResponseCache(tmp_path)
+    key = "ab" + "0" * 62
+    cache.put(key, {"v": 1})
+    assert cache.get(key) == (True, {"v": 1})
+    cache.path(key).write_text('{"format": 1, "key": "ab00', encoding="utf-8")  # a torn copy
+    (cache.path(key).parent / f".{key}.1234.tmp").write_text("{")  # an interrupted write
+    with caplog.at_level(logging.WARNING):
+        assert cache.get(key) == (False, None)
+    assert "unreadable" in caplog.text and cache.keys() == [key]
+
+
+def test_api_key_never_reaches_logs_caches_or_configs(tmp_path, caplog):
+    """The stub checks the key arrives, and echoes it in an error body: the log must redact it;
+    cache files, repr, saved config and usage must not contain it."""
+    def check_key(request):
+        if request.headers.get("authorization") != f"Bearer {SECRET}":
+            return Reply(401)
+        return vllm_like(request)
+
+    leak = Reply(500, body={"error": {"message": f"upstream rejected Authorization: Bearer {SECRET}"}})
+    with caplog.at_level(logging.DEBUG), StubServer(check_key, script=[leak]) as stub:
+        teacher = api_teacher(stub.base_url, cache_dir=tmp_path / "cache", retry=FAST_RETRY, sleep=lambda s: None)
+        assert_fake_result(teacher.score(PROMPTS, RESPONSES))
+        assert stub.count() == 3 and teacher.usage.retries == 1
+    saved = {"teacher": teacher.config(), "usage": teacher.usage.as_dict()}
+    (tmp_path / "run_config.json").write_text(json.dumps(saved))
+    assert "[REDACTED]" in caplog.text
+    written = [p.read_text() for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 3  # two cache entries and the config
+    for text in [caplog.text, repr(teacher), str(teacher.usage), *written]:
+        assert SECRET not in text
+    assert teacher.config()["api_key_env"] == KEY_ENV

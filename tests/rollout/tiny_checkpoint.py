@@ -1,0 +1,56 @@
+"""A tiny random text-only checkpoint with its own toy tokenizer, for the teacher, server and
+judge tests.
+
+Layout of the directory (what `python -m rollout.server --checkpoint DIR` and
+`LocalTeacher.from_pretrained(DIR)` read):
+
+    DIR/config.json         model.save_pretrained (carries the exact config under "speechsum")
+    DIR/model.safetensors   random weights, seed fixed
+    DIR/tokenizer.model     SentencePiece model (a real checkpoint ships tokenizer.json instead);
+                            model.tokenizer.load_tokenizer(DIR) finds either
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from model import SpeechLM, save_pretrained, toy
+from model.tokenizer import config_token_ids, train_sentencepiece
+
+WORDS = (
+    "the meeting team budget project design remote control we decided agreed next week price battery "
+    "button marketing manager said that should cost euros and user interface summary action items"
+).split()
+
+
+def corpus(num_sentences: int = 300, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(num_sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+        sentences.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ", 25 euros.", ' "ok" {x}']))
+    return sentences
+
+
+def build_tiny_checkpoint(directory: str | Path, seed: int = 0, vocab_size: int = 300) -> Path:
+    """Train the toy tokenizer, build a 2-layer text-only SpeechLM (untied head) on it, save both into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_sentencepiece(corpus(), directory / "spm" / "toy", vocab_size=vocab_size)
+    shutil.move(str(tokenizer.path), directory / "tokenizer.model")
+    shutil.rmtree(directory / "spm")
+    config = toy(**config_token_ids(tokenizer))
+    decoder = dataclasses.replace(config.decoder, num_layers=2, tie_word_embeddings=False)
+    config = dataclasses.replace(config, encoder=None, decoder=decoder)
+    torch.manual_seed(seed)
+    model = SpeechLM(config)
+    with torch.no_grad():
+        # Untied, small LM head: logits spread over a few nats (a tied random embedding makes every
+        # token predict itself with probability ~1, and near-uniform logits make top-k ties).
+        model.decoder.lm_head.weight.normal_(0.0, 0.15)
+    save_pretrained(model, directory)
+    return directory
