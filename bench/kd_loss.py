@@ -61,7 +61,10 @@ def make_inputs(args, teacher: str):
         teacher_weight = torch.randn(args.vocab, TEACHER_HIDDEN, generator=gen).mul_(2 * TEACHER_HIDDEN**-0.5)
         teacher_inputs = (teacher_hidden, teacher_weight)
     else:
-        ids = torch.stack([torch.randperm(args.vocab, generator=gen)[:TOP_K] for _ in range(args.tokens)])[None]
+        # distinct ids per position, one from each of TOP_K equal slices of the vocabulary (randperm
+        # per position would leave gigabytes of allocator high-water mark in the peak RSS)
+        stride = args.vocab // TOP_K
+        ids = torch.arange(TOP_K) * stride + torch.randint(0, stride, (1, args.tokens, TOP_K), generator=gen)
         logprobs = torch.log_softmax(torch.randn(1, args.tokens, TOP_K + 1, generator=gen) * 2, -1)[..., :TOP_K]
         teacher_inputs = (ids, logprobs.contiguous())  # top-k mass < 1: the tail bucket is non-empty
     return student_hidden, lm_head_weight, mask, teacher_inputs

@@ -1,0 +1,243 @@
+"""Fused (hidden states + LM head, chunked over tokens) distillation equals the plain form."""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from losses.kd import (
+    TeacherHead,
+    TeacherLogprobs,
+    TeacherTopK,
+    forward_kl_topk,
+    fused_kd_loss,
+    generalized_jsd,
+)
+
+F64 = torch.float64
+
+
+def make_case(dtype=F64, seed=0, batch=3, length=7, hidden=6, vocab=11, teacher_hidden=5):
+    """By default 13 response tokens out of 21 (chunk sizes 2, 5 do not divide the token count)."""
+    gen = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(batch, length, hidden, generator=gen, dtype=dtype)
+    weight = 0.7 * torch.randn(vocab, hidden, generator=gen, dtype=dtype)
+    teacher_states = torch.randn(batch, length, teacher_hidden, generator=gen, dtype=dtype)
+    teacher_weight = torch.randn(vocab, teacher_hidden, generator=gen, dtype=dtype)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    for row in range(batch):  # a prompt of 1-3 tokens, then the response; row 1 also padded
+        mask[row, row % 3 + 1 :] = True
+    mask[1, 5:] = False
+    return student_hidden, weight, teacher_states, teacher_weight, mask
+
+
+def teacher_forms(teacher_states, teacher_weight, mask):
+    """The same local teacher, as precomputed log-probs and as (hidden, LM head)."""
+    logprobs = torch.log_softmax(teacher_states @ teacher_weight.T, -1)  # (B, T, V)
+    logprobs = logprobs.masked_fill(~mask[..., None], math.nan)  # never read outside the mask
+    return {"logprobs": TeacherLogprobs(logprobs), "head": TeacherHead(teacher_states, teacher_weight)}, logprobs
+
+
+def value_and_grads(loss_fn, student_hidden, weight):
+    student_hidden = student_hidden.clone().requires_grad_(True)
+    weight = weight.clone().requires_grad_(True)
+    loss = loss_fn(student_hidden, weight)
+    grad_hidden, grad_weight = torch.autograd.grad(loss, (student_hidden, weight))
+    return loss.detach(), grad_hidden, grad_weight
+
+
+def assert_same(fused, plain, student_hidden, weight, rtol, atol):
+    """Value and both gradients of ``fused(h, w)`` equal those of ``plain(h, w)``."""
+    expected_all = value_and_grads(plain, student_hidden, weight)
+    for got, expected in zip(value_and_grads(fused, student_hidden, weight), expected_all):
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype, atol", [(F64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("teacher_kind", ["logprobs", "head"])
+@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.0, 2.0), (0.3, 1.0), (1.0, 0.7)])
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 13, 64])
+def test_full_vocab_fused_equals_plain(dtype, atol, teacher_kind, beta, temperature, chunk_size):
+    student_hidden, weight, teacher_states, teacher_weight, mask = make_case(dtype)
+    teachers, teacher_logprobs = teacher_forms(teacher_states, teacher_weight, mask)
+
+    def plain(h, w):
+        return generalized_jsd(h @ w.T, teacher_logprobs, mask, beta, temperature=temperature)
+
+    def fused(h, w):
+        teacher = teachers[teacher_kind]
+        return fused_kd_loss(h, w, teacher, mask, beta=beta, temperature=temperature, chunk_size=chunk_size)
+
+    assert_same(fused, plain, student_hidden, weight, 1e-5, atol)
+
+
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 3, 13, 64])
+def test_topk_fused_equals_plain(tail, chunk_size):
+    student_hidden, weight, teacher_states, teacher_weight, mask = make_case()
+    top = torch.log_softmax(teacher_states @ teacher_weight.T, -1).topk(4, dim=-1)
+    ids, logprobs = top.indices.clone(), top.values.clone()
+    logprobs[0, 3, 3] = -math.inf  # padding
+    ids[1, 2, 2] = ids[1, 2, 0]  # duplicate
+
+    def plain(h, w):
+        return forward_kl_topk(h @ w.T, ids, logprobs, mask, tail=tail)
+
+    def fused(h, w):
+        return fused_kd_loss(h, w, TeacherTopK(ids, logprobs, tail), mask, chunk_size=chunk_size)
+
+    assert_same(fused, plain, student_hidden, weight, 1e-5, 1e-12)
+
+
+def test_sum_reduction_frozen_head_and_no_grad():
+    student_hidden, weight, teacher_states, teacher_weight, mask = make_case()
+    teacher = TeacherHead(teacher_states, teacher_weight)
+    teacher_logprobs = teacher_forms(teacher_states, teacher_weight, mask)[1]
+    plain_sum = generalized_jsd(student_hidden @ weight.T, teacher_logprobs, mask, 0.0, reduction="sum")
+    hidden = student_hidden.clone().requires_grad_(True)
+    fused_sum = fused_kd_loss(hidden, weight, teacher, mask, reduction="sum", chunk_size=4)  # weight frozen
+    torch.testing.assert_close(fused_sum, plain_sum, rtol=1e-12, atol=0)
+    fused_sum.backward()
+    assert hidden.grad is not None and torch.all(hidden.grad[~mask] == 0)
+    with torch.no_grad():
+        no_grad_mean = fused_kd_loss(student_hidden, weight, teacher, mask)
+        torch.testing.assert_close(no_grad_mean, plain_sum / mask.sum(), rtol=1e-12, atol=0)
+
+
+def test_no_response_tokens_gives_zero():
+    student_hidden, weight, teacher_states, teacher_weight, _ = make_case()
+    empty = torch.zeros(student_hidden.shape[:2], dtype=torch.bool)
+    hidden = student_hidden.clone().requires_grad_(True)
+    loss = fused_kd_loss(hidden, weight, TeacherHead(teacher_states, teacher_weight), empty)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(hidden.grad == 0)
+
+
+def small_case():
+    """2 x 4 positions (5 response tokens), hidden 3, vocabulary 5: small enough for gradcheck."""
+    return make_case(batch=2, length=4, hidden=3, vocab=5, teacher_hidden=2)
+
+
+@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.0, 1.5), (0.4, 1.0)], ids=["kl", "kl-tau", "jsd"])
+def test_gradcheck_float64_full_vocab(beta, temperature):
+    """beta = 0 uses the closed-form chunk gradient (eq. 2 on the logits), beta > 0 autograd; a
+    teacher with exact zeros (-inf log-probs) exercises the 0 log 0 terms."""
+    student_hidden, weight, teacher_states, teacher_weight, mask = small_case()
+    teacher_logprobs = torch.log_softmax(teacher_states @ teacher_weight.T, -1)
+    teacher_logprobs[..., 0] = -math.inf
+    teacher_logprobs = torch.log_softmax(teacher_logprobs, -1)  # renormalised with p_T(token 0) = 0
+    teacher = TeacherLogprobs(teacher_logprobs)
+    inputs = (student_hidden.requires_grad_(True), weight.requires_grad_(True))
+    assert torch.autograd.gradcheck(
+        lambda h, w: fused_kd_loss(h, w, teacher, mask, beta=beta, temperature=temperature, chunk_size=2), inputs
+    )
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_gradcheck_float64_topk(tail):
+    """The closed-form top-k gradient, with a padded entry, a duplicate and an all-padding row."""
+    student_hidden, weight, teacher_states, teacher_weight, mask = small_case()
+    top = torch.log_softmax(teacher_states @ teacher_weight.T, -1).topk(3, dim=-1)
+    ids, logprobs = top.indices.clone(), top.values.clone()
+    logprobs[0, 1, 2] = -math.inf
+    ids[0, 2, 1] = ids[0, 2, 0]
+    logprobs[1, 0, :] = -math.inf
+    teacher = TeacherTopK(ids, logprobs, tail)
+    inputs = (student_hidden.requires_grad_(True), weight.requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda h, w: fused_kd_loss(h, w, teacher, mask, chunk_size=2), inputs)
+
+
+def test_topk_covering_the_vocabulary_equals_full_forward_kl():
+    """k = V: the tail is empty on both sides and the fused top-k form is the full forward KL."""
+    student_hidden, weight, teacher_states, teacher_weight, mask = make_case()
+    teacher_logprobs = torch.log_softmax(teacher_states @ teacher_weight.T, -1)
+    ids = torch.argsort(torch.rand(teacher_logprobs.shape, generator=torch.Generator().manual_seed(0)), dim=-1)
+    teacher = TeacherTopK(ids, teacher_logprobs.gather(-1, ids))
+
+    def plain(h, w):
+        return generalized_jsd(h @ w.T, teacher_logprobs, mask, 0.0)
+
+    def fused(h, w):
+        return fused_kd_loss(h, w, teacher, mask, chunk_size=4)
+
+    assert_same(fused, plain, student_hidden, weight, 1e-10, 1e-13)
+
+
+@pytest.mark.parametrize("tail", [True, False])
+def test_topk_with_huge_logits_stays_finite_and_equal(tail):
+    """Logits of magnitude ~500 in float32: the tail mass is far below float32's smallest number
+    in linear space, but both forms work in log space and agree."""
+    student_hidden, weight, teacher_states, teacher_weight, mask = make_case(torch.float32)
+    weight = 80 * weight
+    assert (student_hidden @ weight.T).abs().max() > 300
+    top = torch.log_softmax(teacher_states @ teacher_weight.T, -1).topk(3, dim=-1)
+    teacher = TeacherTopK(top.indices, top.values, tail)
+    fused = value_and_grads(lambda h, w: fused_kd_loss(h, w, teacher, mask, chunk_size=4), student_hidden, weight)
+    plain = value_and_grads(
+        lambda h, w: forward_kl_topk(h @ w.T, top.indices, top.values, mask, tail), student_hidden, weight
+    )
+    assert all(torch.isfinite(t).all() for t in fused)
+    for got, expected in zip(fused, plain):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any *new* tensor an operator returns (views of
+    existing storage, such as a reshape of an input, are not new memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        existing = {t.untyped_storage().data_ptr() for t in inputs}
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in existing:
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("teacher_kind", ["logprobs", "head", "topk"])
+def test_never_materialises_all_logits(teacher_kind):
+    """40 response tokens, vocabulary 50, chunks of 8: no tensor may exceed 8 x 50 elements
+    (the weight gradient is 50 x 4 = 200), while the plain form builds 40 x 50 = 2000."""
+    batch, length, hidden, vocab, chunk = 2, 20, 4, 50, 8
+    student_hidden, weight, teacher_states, teacher_weight, _ = make_case(
+        torch.float32, batch=batch, length=length, hidden=hidden, vocab=vocab, teacher_hidden=3
+    )
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    if teacher_kind == "topk":
+        top = torch.log_softmax(teacher_states @ teacher_weight.T, -1).topk(5, dim=-1)
+        teacher = TeacherTopK(top.indices, top.values)
+    elif teacher_kind == "head":
+        teacher = TeacherHead(teacher_states, teacher_weight)
+    else:
+        # a [B, T, V] input is itself that size; what matters is that nothing *new* is
+        teacher = TeacherLogprobs(torch.log_softmax(teacher_states @ teacher_weight.T, -1))
+    hidden_states = student_hidden.requires_grad_(True)
+    weight = weight.requires_grad_(True)
+    with LargestTensor() as probe:
+        fused_kd_loss(hidden_states, weight, teacher, mask, chunk_size=chunk).backward()
+    assert probe.largest <= chunk * vocab < batch * length * vocab
+
+    with LargestTensor() as probe:  # the probe does see the plain form's (N, V) tensors
+        teacher_logprobs = torch.log_softmax(teacher_states @ teacher_weight.T, -1)
+        generalized_jsd(hidden_states @ weight.T, teacher_logprobs, mask, 0.0).backward()
+    assert probe.largest == batch * length * vocab
+
+
+def test_bad_teacher_raises_with_a_message():
+    student_hidden, weight, teacher_states, teacher_weight, mask = make_case()
+    with pytest.raises(TypeError, match="TeacherLogprobs, TeacherHead or TeacherTopK"):
+        fused_kd_loss(student_hidden, weight, teacher_states, mask)
+    top = torch.log_softmax(teacher_states @ teacher_weight.T, -1).topk(2, dim=-1)
+    with pytest.raises(ValueError, match="forward KL only"):
+        fused_kd_loss(student_hidden, weight, TeacherTopK(top.indices, top.values), mask, beta=0.5)
+    with pytest.raises(ValueError, match=r"\[V, H_T\]"):
+        fused_kd_loss(student_hidden, weight, TeacherHead(teacher_states, teacher_weight[:3]), mask)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_kd_loss(student_hidden, weight, TeacherHead(teacher_states, teacher_weight), mask, chunk_size=0)
