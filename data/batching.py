@@ -11,10 +11,14 @@ the examples drawn from (seed, epoch); the first len - len % world_size entries 
 round-robin, so rank r gets entries r, r + W, r + 2W, ... (disjoint shards, the same for the
 same seed), and consecutive entries of a rank form its batches. A batch plan is a list of
 example indices, so the loop can resume at any batch without loading the ones before it.
+
+`bucketed_plans` is the planner for real data (data/dataset.py): length-bucketed batches under
+a token budget, sharded over ranks with equal batch counts. Its docstring gives the algorithm.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -112,3 +116,95 @@ class ExampleSource:
 
     def sample_ids(self, batch: Batch) -> list[str]:
         return batch.ids
+
+
+# ---------------------------------------------------------------------------------------------
+# length-bucketed planning under a token budget
+
+
+def batch_cost(lengths: Sequence[int]) -> int:
+    """Tokens a batch occupies once padded: rows x longest row (audio + text tokens per row)."""
+    return len(lengths) * max(lengths) if lengths else 0
+
+
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A generator that depends only on (seed, epoch, stream): the same on every rank and run."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 8 + stream) % (2**63 - 1))
+
+
+def bucketed_plans(
+    lengths: Sequence[int],
+    *,
+    max_tokens: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batch_size: int | None = None,
+    window: int = 1000,
+    shuffle: bool = True,
+) -> list[list[int]]:
+    """This rank's batches of one epoch: lists of indices into `lengths`, in training order.
+
+    `lengths[i]` is sample i's length in tokens (audio + prompt text + response), estimated from
+    the manifest. Every rank computes the same global plan and keeps its share:
+      1. order: a permutation of all samples drawn from (seed, epoch) (identity if not shuffle);
+      2. windows of `window` consecutive samples of that order are each sorted by length,
+         longest first, so batches mix little padding while the epoch stays random;
+      3. each window is cut greedily into batches whose padded cost `batch_cost` (rows x
+         longest row) stays <= max_tokens, and rows <= max_batch_size. A sample longer than
+         max_tokens on its own forms a batch of one;
+      4. equal steps for DDP: while the batch count is not a multiple of world_size, the batch
+         with the most rows (earliest on ties) is split into two halves; only when every batch is
+         a single sample are the last (count % world_size) batches of step 5 dropped, which
+         loses at most world_size - 1 samples (the case of DistributedSampler's drop_last);
+      5. the batch order is shuffled with (seed, epoch) (kept if not shuffle);
+      6. rank r takes batches r, r + W, r + 2W, ...: ranks get disjoint samples, the same number
+         of batches, and together every sample of the epoch (except step 4's drop).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank {rank}, world_size {world_size}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    count = len(lengths)
+    if shuffle:
+        order = torch.randperm(count, generator=epoch_generator(seed, epoch, 0)).tolist()
+    else:
+        order = list(range(count))
+    batches: list[list[int]] = []
+    for begin in range(0, count, window):
+        ranked = sorted(order[begin : begin + window], key=lambda i: -lengths[i])  # stable: ties keep order
+        batches += _cut(ranked, lengths, max_tokens, max_batch_size)
+    while len(batches) % world_size:
+        widest = max(range(len(batches)), key=lambda b: (len(batches[b]), -b))
+        rows = batches[widest]
+        if len(rows) < 2:
+            break
+        batches[widest : widest + 1] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    if shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=epoch_generator(seed, epoch, 1)).tolist()]
+    usable = len(batches) - len(batches) % world_size
+    return batches[rank:usable:world_size]
+
+
+def _cut(ranked: list[int], lengths: Sequence[int], max_tokens: int, max_batch_size: int | None) -> list[list[int]]:
+    """Greedy batches of consecutive samples of `ranked` (longest first) under the budget."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in ranked:
+        length = lengths[index]
+        grown = max(longest, length)
+        full = max_batch_size is not None and len(current) >= max_batch_size
+        if current and (full or (len(current) + 1) * grown > max_tokens):
+            batches.append(current)
+            current, grown = [], length
+        current.append(index)
+        longest = grown
+    if current:
+        batches.append(current)
+    return batches
