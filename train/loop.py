@@ -57,7 +57,9 @@ class Stage(Protocol):
 
     def loss_units(self, batch: Any) -> int: ...
 
-    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(loss summed over the batch's units, metrics). A metric is a sum over the same units
+        (logged divided by the global units) or a (sum, count) pair with its own denominator."""
 
 
 class BatchSource(Protocol):
@@ -266,6 +268,7 @@ def train(
         # 3. forward / backward, gradients synchronised on the last micro-batch only
         model.train()
         metric_sums: dict[str, float] = {"loss": 0.0}
+        metric_counts: dict[str, float] = {}  # metrics with their own denominator (not loss units)
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not is_distributed() else wrapped.no_sync()
@@ -277,7 +280,10 @@ def train(
                 (loss_sum.float() * scale).backward()
             metric_sums["loss"] += float(loss_sum.detach())
             for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+                total, count = value if isinstance(value, tuple) else (value, None)
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(total)
+                if count is not None:
+                    metric_counts[key] = metric_counts.get(key, 0.0) + float(count)
         # 4. clip, step, schedule
         lr = learning_rate(position.step, optim)
         for group in optimizer.param_groups:
@@ -289,12 +295,14 @@ def train(
         steps_this_call += 1
 
         keys = sorted(metric_sums)
-        totals = all_reduce_sum(torch.tensor([metric_sums[k] for k in keys] + [float(local_units)],
+        counted = sorted(metric_counts)
+        totals = all_reduce_sum(torch.tensor([metric_sums[k] for k in keys] + [metric_counts[k] for k in counted],
                                              dtype=torch.float64, device=info.device)).tolist()
+        denominators = {k: totals[len(keys) + i] for i, k in enumerate(counted)}
         elapsed = time.perf_counter() - start
         record = {"step": position.step, "lr": lr, "grad_norm": float(grad_norm), "units": global_units,
                   "units_per_s": global_units / elapsed}
-        record.update({k: totals[i] / global_units for i, k in enumerate(keys)})
+        record.update({k: totals[i] / max(denominators.get(k, global_units), 1e-12) for i, k in enumerate(keys)})
         if position.step % run.log_every == 0 or position.step == optim.max_steps:
             log.write(record, optim.max_steps)
         if evaluate is not None and run.eval_every and position.step % run.eval_every == 0:
