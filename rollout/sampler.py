@@ -13,7 +13,8 @@ How it runs (gpt-fast style, one model forward for prefill and decode):
    slots hold `pad_token_id` and are masked out. The host checks "all rows stopped?" every
    `stop_check_interval` steps only, so the loop does not synchronise on every token.
 
-Sampling. Logits are divided by the temperature, then top-k (exactly k tokens kept, ties
+Sampling. The audio placeholder id is never sampled (a response holding it would be read as
+audio by the next forward). Logits are divided by the temperature, then top-k (exactly k tokens kept, ties
 broken by index) and top-p (the smallest set of most likely tokens whose mass reaches p) are
 applied, and the token is the argmax of (filtered logits + Gumbel noise), which is an exact
 draw from the filtered softmax. temperature 0 means greedy (argmax of the raw logits).
@@ -201,8 +202,11 @@ def generate(
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
 
     # 3. decode
+    placeholder = getattr(model.config, "audio_token_id", None)
+    banned = None if placeholder is None else torch.tensor([placeholder], device=device)
     for step in range(max_new):
-        token = select_tokens(logits, params, streams, step)  # (B*N,)
+        allowed = logits if banned is None else logits.index_fill(-1, banned, float("-inf"))
+        token = select_tokens(allowed, params, streams, step)  # (B*N,)
         token_logprob = logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]  # log p(token), T = 1
         active = ~stopped
         tokens[:, step] = torch.where(active, token, pad_token_id)

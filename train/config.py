@@ -35,10 +35,13 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: list[str] = field(default_factory=list)  # JSON-lines manifests
+    train: list[str] = field(default_factory=list)  # JSON-lines manifests (DPO: pairs files)
     eval: list[str] = field(default_factory=list)
-    batch_size: int = 4  # samples per micro-batch and rank
-    max_audio_seconds: float = 1800.0
+    batch_size: int = 4  # at most this many samples (DPO: pairs) per micro-batch and rank
+    max_tokens: int = 32768  # padded tokens (audio + text) per micro-batch
+    max_audio_seconds: float = 1800.0  # the paper trains on up to 30 minutes
+    on_too_long: str = "error"  # or "truncate" (with a warning)
+    feature_cache: str = ""  # directory for cached log-mel features; "" = off
     strict: bool = False  # True: a bad sample stops the run instead of being skipped
 
 
@@ -64,6 +67,7 @@ class RunSection:
     keep_last: int = 3
     eval_every: int = 0
     device: str = ""  # "" = cuda if available else cpu
+    merge_at_end: bool = True  # write out_dir/merged: base + this stage's LoRA, the next stage's start
 
 
 @dataclass

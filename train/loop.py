@@ -149,8 +149,8 @@ def save_checkpoint(out_dir: Path, model, optimizer, position: Position, config:
     return final
 
 
-def load_checkpoint(directory: Path, model, optimizer, info: DistInfo) -> Position:
-    """Restore trainable weights, optimizer, this rank's RNG and the position from `directory`."""
+def load_trainable(directory: Path, model) -> None:
+    """Copy the saved trainable tensors (LoRA, projector) of a checkpoint into the model."""
     trainable = load_file(str(directory / "trainable.safetensors"))
     expected = trainable_state(model)
     if set(trainable) != set(expected):
@@ -160,6 +160,11 @@ def load_checkpoint(directory: Path, model, optimizer, info: DistInfo) -> Positi
         for name, param in model.named_parameters():
             if name in trainable:
                 param.copy_(trainable[name])
+
+
+def load_checkpoint(directory: Path, model, optimizer, info: DistInfo) -> Position:
+    """Restore trainable weights, optimizer, this rank's RNG and the position from `directory`."""
+    load_trainable(directory, model)
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
     rng_file = directory / f"rng_rank{info.rank}.json"
     if not rng_file.is_file():

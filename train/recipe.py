@@ -1,0 +1,117 @@
+"""What every stage recipe shares: command line, model setup from the config, the dataset, the
+run, and the hand-off to the next stage.
+
+    python -m train.sft --config configs/toy/smoke_sft.toml [section.key=value ...]
+    torchrun --nproc_per_node 8 -m train.kd --config configs/phi4mm/kd_8xa100.toml
+
+Model setup (DESIGN.md, "Training: conventions"): the checkpoint is loaded (the previous stage's
+LoRA already merged into it), a fresh LoRA (r 16, alpha 32 by default) goes on every decoder
+projection, and only LoRA and the projector train; the encoder and base decoder stay frozen.
+At the end, rank 0 folds this stage's LoRA into the base and writes `out_dir/merged` (weights,
+config, tokenizer): the checkpoint the next stage starts from, and the DPO reference.
+Errors a user can fix (config, data, checkpoint) print one message and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from data.audio import DurationPolicy
+from data.dataset import ManifestDataset
+from data.manifest import DataError
+from model import load_pretrained, save_pretrained
+from model.checkpoint import CheckpointError
+from model.lora import apply_lora, mark_trainable, merge_and_remove_lora
+from model.tokenizer import load_tokenizer
+
+from .config import ConfigError, TrainConfig, load_config
+from .distributed import DistInfo, barrier, init_distributed, seed_everything, shutdown
+from .loop import train
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def build_model(config: TrainConfig, device: torch.device):
+    """Load the checkpoint, add a fresh LoRA, freeze all but LoRA (and the projector)."""
+    section = config.model
+    if section.dtype not in DTYPES:
+        raise ConfigError(f"[model] dtype: expected one of {sorted(DTYPES)}, got {section.dtype!r}")
+    if not section.checkpoint:
+        raise ConfigError("[model] checkpoint: not set; point it at a checkpoint directory")
+    model = load_pretrained(section.checkpoint, dtype=DTYPES[section.dtype])
+    if model.config.encoder is not None:
+        model.config.encoder.mask_padding = section.mask_audio_padding
+        model.encoder.gradient_checkpointing = section.gradient_checkpointing
+    model.decoder.gradient_checkpointing = section.gradient_checkpointing
+    apply_lora(model, rank=section.lora_rank, alpha=section.lora_alpha, dropout=section.lora_dropout)
+    extra = ("projector.",) if section.train_projector and model.projector is not None else ()
+    mark_trainable(model, extra_prefixes=extra)
+    return model.to(device)
+
+
+def build_dataset(config: TrainConfig, tokenizer, model, info: DistInfo, task: str, reserve_tokens: int = 0):
+    data = config.data
+    if not data.train:
+        raise ConfigError("[data] train: no manifest given")
+    return ManifestDataset.from_manifests(
+        data.train, tokenizer, task=task, strict=data.strict,
+        policy=DurationPolicy(data.max_audio_seconds, data.on_too_long),
+        max_tokens=data.max_tokens, max_batch_size=data.batch_size,
+        max_context=model.config.decoder.max_position_embeddings, reserve_tokens=reserve_tokens,
+        seed=config.run.seed, rank=info.rank, world_size=info.world_size,
+        feature_cache=data.feature_cache or None, device=info.device,
+    )
+
+
+def export_merged(config: TrainConfig, model, out_dir: Path) -> Path:
+    """Base + this stage's LoRA as one checkpoint (with the tokenizer) in out_dir/merged."""
+    target = out_dir / "merged"
+    merge_and_remove_lora(model)
+    save_pretrained(model, target)
+    source = Path(config.model.tokenizer or config.model.checkpoint)
+    files = [source] if source.is_file() else [source / name for name in TOKENIZER_FILES]
+    for file in files:
+        if file.is_file():
+            shutil.copy2(file, target / file.name)
+    return target
+
+
+def parse_args(stage: str, argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(prog=f"python -m train.{stage}", description=f"{stage} stage")
+    parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-4")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def run_recipe(stage_name: str, make_stage, task: str, argv=None, reserve_tokens=lambda config: 0) -> int:
+    """Parse, build, train, merge. `make_stage(config, model, tokenizer)` returns the Stage."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(stage_name, argv)
+        info = init_distributed(config.run.device)
+        seed_everything(config.run.seed, info.rank)
+        tokenizer = load_tokenizer(config.model.tokenizer or config.model.checkpoint)
+        model = build_model(config, info.device)
+        data = build_dataset(config, tokenizer, model, info, task(config) if callable(task) else task,
+                             reserve_tokens(config))
+        stage = make_stage(config, model, tokenizer)
+        out_dir = Path(config.run.out_dir)
+        train(config, model, stage, data, info)
+        if data.skipped or data.rejected:
+            logging.getLogger(__name__).warning("data: rejected %s, skipped on rank %d %s, refills %d",
+                                                dict(data.rejected), info.rank, dict(data.skipped), data.refills)
+        if config.run.merge_at_end and info.is_main:
+            print(f"merged checkpoint: {export_merged(config, model, out_dir)}", flush=True)
+        barrier()
+        shutdown()
+        return 0
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
