@@ -52,7 +52,8 @@ class OptimSection:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 0
-    max_steps: int = 100  # optimizer steps
+    max_steps: int = 100  # optimizer steps (ignored when epochs > 0)
+    epochs: float = 0.0  # > 0: train this many passes over the data (max_steps derived at start)
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global L2 norm; 0 disables clipping
     grad_accum: int = 1  # micro-batches per optimizer step and rank

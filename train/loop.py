@@ -247,6 +247,8 @@ def train(
         wrapped = DistributedDataParallel(wrapped, device_ids=device_ids, broadcast_buffers=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     plans = data.epoch_plans(position.epoch)
+    if optim.epochs > 0:  # every rank has the same number of batches per epoch
+        optim.max_steps = max(1, math.ceil(len(data.epoch_plans(0)) * optim.epochs / optim.grad_accum))
     steps_this_call = 0
 
     while position.step < optim.max_steps and (stop_after is None or steps_this_call < stop_after):

@@ -100,3 +100,34 @@ def test_warmup_then_cosine_schedule():
     assert [learning_rate(s, optim) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert learning_rate(9, optim) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert learning_rate(14, optim) == pytest.approx(0.1)
+
+
+def test_nonfinite_loss_stops_with_the_sample_ids(tmp_path):
+    sys.path.insert(0, str(WORKER.parent))
+    from worker import examples, tiny_model
+
+    from train.loop import NonFiniteLoss
+
+    class PoisonedSFT(SFTStage):
+        def loss(self, model, batch):
+            loss_sum, metrics = super().loss(model, batch)
+            return loss_sum * float("nan") if "ex5" in batch.ids else loss_sum, metrics
+
+    config = load_config(None, [f"run.out_dir={tmp_path}", "optim.max_steps=20", "data.batch_size=2"])
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    data = ExampleSource(examples(), 2, shuffle=False)
+    with pytest.raises(NonFiniteLoss, match=r"step 3, rank 0: the loss is NaN or inf on samples \['ex4', 'ex5'\]"):
+        train(config, tiny_model(0.0), PoisonedSFT(), data, info)
+    saved = json.loads((tmp_path / "nonfinite_step3_rank0.json").read_text())
+    assert saved == {"step": 3, "rank": 0, "sample_ids": ["ex4", "ex5"]}
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    sys.path.insert(0, str(WORKER.parent))
+    from worker import examples, tiny_model
+
+    config = load_config(None, [f"run.out_dir={tmp_path}", "optim.epochs=1.5", "optim.grad_accum=2"])
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    position = train(config, tiny_model(0.0), SFTStage(), ExampleSource(examples(), 4), info)
+    assert position.step == 6  # 32 examples / 4 = 8 batches per epoch; 12 batches / 2 per step
+    assert (position.epoch, position.batch_index) == (1, 4)
