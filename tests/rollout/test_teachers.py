@@ -7,7 +7,6 @@ import logging
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import torch
 
 from model.tokenizer import load_tokenizer
 from rollout.api_client import ApiClient, ApiRequest, EndpointError, ResponseCache, RetriesExhaustedError, RetryPolicy
-from rollout.server import load_service, make_server
 from rollout.teachers import (
     CHAT_ONLY_EXPLANATION,
     LocalTeacher,
@@ -25,7 +23,7 @@ from rollout.teachers import (
     TeacherAlignmentError,
 )
 from tests.rollout.http_stub import Reply, StubServer
-from tests.rollout.tiny_checkpoint import build_tiny_checkpoint
+from tests.rollout.tiny_checkpoint import build_tiny_checkpoint, serving
 
 K = 5
 SECRET = "sk-test-TEACHER-3b9f0c1d2e"  # recognisable, so a leak shows up in a grep
@@ -56,13 +54,8 @@ def local(checkpoint):
 @pytest.fixture(scope="module")
 def served(checkpoint):
     """rollout.server on 127.0.0.1 (free port) in a thread, requiring the test key."""
-    server = make_server(load_service(checkpoint, model_name="tiny"), "127.0.0.1", 0, api_key=SECRET)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with serving(checkpoint, "tiny", api_key=SECRET) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,11 @@ Layout of the directory (what `python -m rollout.server --checkpoint DIR` and
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -54,3 +56,19 @@ def build_tiny_checkpoint(directory: str | Path, seed: int = 0, vocab_size: int 
         model.decoder.lm_head.weight.normal_(0.0, 0.15)
     save_pretrained(model, directory)
     return directory
+
+
+@contextlib.contextmanager
+def serving(checkpoint: str | Path, model_name: str, api_key: str | None = None):
+    """rollout.server over `checkpoint` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+    from rollout.server import load_service, make_server
+
+    server = make_server(load_service(checkpoint, model_name=model_name), "127.0.0.1", 0, api_key=api_key)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -1,7 +1,5 @@
 """KD stage: distilling from a local teacher lowers the on-policy KL on held-out prompts; an
 API teacher (rollout.server over loopback, real HTTP, top-k) runs a step end to end."""
-import threading
-
 import pytest
 import torch
 
@@ -11,9 +9,8 @@ from model import load_pretrained
 from model.lora import apply_lora, mark_trainable
 from model.tokenizer import load_tokenizer
 from rollout.sampler import SamplingParams, generate
-from rollout.server import load_service, make_server
 from rollout.teachers import LocalTeacher, OpenAICompatibleTeacher
-from tests.rollout.tiny_checkpoint import build_tiny_checkpoint, corpus
+from tests.rollout.tiny_checkpoint import build_tiny_checkpoint, corpus, serving
 from train.config import load_config
 from train.distributed import DistInfo
 from train.loop import train
@@ -78,13 +75,8 @@ def test_kd_with_a_local_teacher_lowers_held_out_kl(checkpoints, tmp_path):
 
 @pytest.fixture(scope="module")
 def served_teacher(checkpoints):
-    server = make_server(load_service(checkpoints[0], model_name="teacher"), "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with serving(checkpoints[0], "teacher") as url:
+        yield url
 
 
 def test_kd_step_with_an_api_teacher_over_http(checkpoints, served_teacher, tmp_path, monkeypatch):
