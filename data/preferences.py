@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rollout.api_client import ApiError
+from rollout.api_client import ApiError, add_client_arguments, client_options
 
 from .audio import DurationPolicy
 from .batching import collate
@@ -265,11 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--manifest", nargs="+", required=True, help="manifests with instruction and transcript")
     parser.add_argument("--judge", required=True, help="the judge's model name, e.g. gpt-4.1")
     parser.add_argument("--out", required=True, help="pairs file (JSON lines), appended to and resumed")
-    parser.add_argument("--base-url", default="https://api.openai.com/v1")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="name of the environment variable holding the key; '' for a server without auth")
-    parser.add_argument("--cache-dir", help="judge response cache (default: OUT.cache)")
-    parser.add_argument("--concurrency", type=int, default=8, help="judge requests in flight at most")
+    add_client_arguments(parser)
     parser.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=4, help="recordings sampled together")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -292,8 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), device=device)
         tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
-        judge = OpenAIJudge(args.base_url, args.judge, api_key_env=args.api_key_env or None,
-                            max_concurrency=args.concurrency, cache_dir=args.cache_dir or f"{args.out}.cache")
+        judge = OpenAIJudge(args.base_url, args.judge, **client_options(args, f"{args.out}.cache"))
         config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
         run(args.manifest, args.out, model, tokenizer, judge, config, strict=args.strict,

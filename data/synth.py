@@ -53,7 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from rollout.api_client import ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError
+from rollout.api_client import (ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError,
+                                add_client_arguments, client_options)
 
 from .manifest import DataError, ManifestEntry, read_manifest
 
@@ -453,12 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--manifest", nargs="+", required=True, help="manifests with transcripts")
     parser.add_argument("--out", required=True, help="output manifest (JSON lines), appended to and resumed")
     parser.add_argument("--llm", required=True, help="the LLM's model name, e.g. gpt-4.1")
-    parser.add_argument("--base-url", default="https://api.openai.com/v1")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="name of the environment variable holding the key; '' for a server without auth")
-    parser.add_argument("--cache-dir", help="response cache (default: OUT.cache)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at most")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    add_client_arguments(parser)
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="lowest importance kept (1-10)")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="queries proposed per recording")
     parser.add_argument("--queries-per-recording", type=int, default=1)
@@ -471,8 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = SynthConfig(args.llm, threshold=args.threshold, candidates=args.candidates,
                              queries_per_recording=args.queries_per_recording, seed=args.seed,
                              max_failures=args.max_failures)
-        client = ApiClient(args.base_url, api_key_env=args.api_key_env or None, timeout_s=args.timeout,
-                           max_concurrency=args.concurrency, cache_dir=args.cache_dir or f"{args.out}.cache")
+        client = ApiClient(args.base_url, **client_options(args, f"{args.out}.cache"))
         stats = run(args.manifest, args.out, client, config, strict=args.strict)
     except (ApiError, ValueError, OSError) as error:
         print(f"data.synth: {error}", file=sys.stderr)

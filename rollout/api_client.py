@@ -449,3 +449,20 @@ def _retry_after_seconds(headers) -> float | None:
 
 def _int_or_zero(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def add_client_arguments(parser, *, concurrency: int = 8, timeout: float = 120.0) -> None:
+    """The command-line options of every tool that talks to an OpenAI-compatible endpoint."""
+    group = parser.add_argument_group("OpenAI-compatible endpoint")
+    group.add_argument("--base-url", default="https://api.openai.com/v1")
+    group.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                       help="name of the environment variable holding the key; '' for a server without auth")
+    group.add_argument("--cache-dir", help="response cache (default: OUT.cache)")
+    group.add_argument("--concurrency", type=int, default=concurrency, help="requests in flight at most")
+    group.add_argument("--timeout", type=float, default=timeout, help="seconds per request")
+
+
+def client_options(args, default_cache_dir: str) -> dict[str, Any]:
+    """ApiClient keyword arguments from `add_client_arguments`' options (the key stays in the environment)."""
+    return {"api_key_env": args.api_key_env or None, "timeout_s": args.timeout,
+            "max_concurrency": args.concurrency, "cache_dir": args.cache_dir or default_cache_dir}
