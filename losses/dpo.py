@@ -9,8 +9,9 @@ minimise (TRL's "sigmoid" loss):
 
     loss = -log sigma(beta * margin),   margin = [log pi(y+) - log pi_ref(y+)] - [log pi(y-) - log pi_ref(y-)]
 
-d loss / d log pi(y+) = -beta sigma(-beta margin) and d loss / d log pi(y-) = +beta sigma(-beta margin):
-a descent step raises log pi(y+) and lowers log pi(y-), i.e. raises the margin.
+Per pair, d loss / d log pi(y+) = -beta sigma(-beta margin) and d loss / d log pi(y-) = +beta sigma(-beta margin)
+(``reduction="mean"`` divides both by the number of pairs P): a descent step raises log pi(y+) and
+lowers log pi(y-), i.e. raises the margin.
 
 log pi(y|x) is the sum of token log-probabilities over the response tokens (``sequence_logprobs``).
 pi_ref is the KD checkpoint: in this project the same model with its LoRA adapters disabled, or
