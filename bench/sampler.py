@@ -7,7 +7,7 @@ audio clip of a different length, 128 new tokens.
 
     python bench/sampler.py [--batch 8 --prompt 256 --new 128]
 
-The recompute loop (rollout/recompute.py: full forward over prompt + generated tokens at each
+Ours and transformers run --repeats times in alternation (median reported). The recompute loop (rollout/recompute.py: full forward over prompt + generated tokens at each
 step, no cache) is timed on the first --recompute-prompts prompts only, since it is slow; its
 tokens/s are per generated token like the others. Last line: JSON with both speedups.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--recompute-prompts", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     reference = reference_model(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
@@ -72,16 +74,28 @@ def main() -> None:
     prompts, features, frames, audio_tokens = make_batch(args, args.vocab - 1)
     params = SamplingParams(max_new_tokens=args.new, temperature=0)
 
+    input_ids = torch.stack(prompts)  # all prompts have the same length: no text padding
+    audio_mask = torch.arange(features.shape[1])[None] < frames[:, None]
+
+    def run_ours():
+        return generate(ours, prompts, params, audio_features=features, audio_lengths=frames)
+
+    def run_transformers():
+        with torch.no_grad():
+            return reference.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), audio_input_features=features,
+                audio_embed_sizes=audio_tokens, audio_attention_mask=audio_mask, max_new_tokens=args.new,
+                min_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0)
+
     generate(ours, prompts[:1], SamplingParams(max_new_tokens=2, temperature=0),
              audio_features=features[:1], audio_lengths=frames[:1])  # warm-up
-    rollout, ours_s = timed(lambda: generate(ours, prompts, params, audio_features=features, audio_lengths=frames))
-
-    input_ids = torch.stack(prompts)  # all prompts have the same length: no text padding
-    with torch.no_grad():
-        hf_out, hf_s = timed(lambda: reference.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), audio_input_features=features,
-            audio_embed_sizes=audio_tokens, audio_attention_mask=torch.arange(features.shape[1])[None] < frames[:, None],
-            max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0))
+    ours_times, hf_times = [], []
+    for _ in range(args.repeats):  # alternate, so background load hits both alike
+        rollout, elapsed = timed(run_ours)
+        ours_times.append(elapsed)
+        hf_out, elapsed = timed(run_transformers)
+        hf_times.append(elapsed)
+    ours_s, hf_s = statistics.median(ours_times), statistics.median(hf_times)
     hf_tokens = hf_out[:, args.prompt:]
 
     count = args.recompute_prompts

@@ -118,7 +118,7 @@ class Attention(nn.Module):
             key,
             value,
             attn_mask=attn_mask,
-            is_causal=attn_mask is None,
+            is_causal=attn_mask is None and key.shape[2] == length,  # else one query over all keys
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, q_dim))
@@ -198,7 +198,7 @@ class Phi4MiniDecoder(nn.Module):
         offset = 0 if kv_cache is None else kv_cache.offset
         if positions is None:
             positions = default_positions(attention_mask, offset, length, batch, inputs_embeds.device)
-        attn_mask = build_attention_mask(attention_mask, offset, length, inputs_embeds.device, kv_cache is not None)
+        attn_mask = build_attention_mask(attention_mask, offset, length, inputs_embeds.device)
         if kv_cache is not None:
             sequence_length = kv_cache.max_length
         elif self.config.rope_type == "longrope":
@@ -229,14 +229,16 @@ def default_positions(attention_mask, offset: int, length: int, batch: int, devi
     return counts[:, offset:].clamp(min=0)
 
 
-def build_attention_mask(attention_mask, offset: int, length: int, device, has_cache: bool):
-    """Boolean (B, 1, T, S) mask: causal over slots, padded keys hidden; None if plain causal.
+def build_attention_mask(attention_mask, offset: int, length: int, device):
+    """Boolean (B, 1, T, S) mask: causal over slots, padded keys hidden.
 
-    A padded query still sees itself, so its row is never empty (no NaN leaks into a loss
-    that multiplies padded positions by zero).
+    None when no mask is needed: without padding, a chunk that starts at slot 0 is plain
+    causal attention and a single new token sees every key (Attention tells the two apart
+    by T == S), both fast paths of scaled_dot_product_attention. A padded query still sees
+    itself, so its row is never empty (no NaN leaks into a loss that zeroes padded positions).
     """
-    if attention_mask is None and not has_cache:
-        return None  # scaled_dot_product_attention's is_causal fast path
+    if attention_mask is None and (offset == 0 or length == 1):
+        return None
     total = offset + length
     query_slots = torch.arange(offset, total, device=device)[:, None]  # (T, 1)
     key_slots = torch.arange(total, device=device)[None, :]  # (1, S)

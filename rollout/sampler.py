@@ -185,7 +185,9 @@ def generate(
 
     # 1-2. prefill once per prompt (audio encoded once), then give each sample its own cache rows
     cache = StaticKVCache.for_model(decoder.config, num_prompts, total, dtype=dtype, device=device)
-    hidden = model.hidden_states(input_ids, prompt_mask, audio_features, audio_lengths, kv_cache=cache)
+    padded = len({p.numel() for p in prompts}) > 1  # known on the host: no mask, no sync, when unpadded
+    hidden = model.hidden_states(input_ids, prompt_mask if padded else None, audio_features, audio_lengths,
+                                 kv_cache=cache)
     logits = decoder.logits(hidden[:, -1]).float()  # (B, V)
     if num_samples > 1:
         cache = cache.repeat_rows(num_samples)
@@ -217,7 +219,7 @@ def generate(
             break
         hidden = model.hidden_states(
             tokens[:, step : step + 1],
-            attention_mask[:, : prompt_length + step + 1],
+            attention_mask[:, : prompt_length + step + 1] if padded else None,
             kv_cache=cache,
             positions=(next_position + step)[:, None],
         )

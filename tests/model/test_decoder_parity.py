@@ -109,3 +109,16 @@ def test_original_layout_keep_speech_lora_separate(tmp_path):
             base = separate(input_ids)
     expected_base = hf_logits(reference, input_ids)  # reference still holds the un-merged base
     torch.testing.assert_close(base, expected_base, rtol=0, atol=1e-5)
+
+
+def test_kv_cache_without_padding_uses_the_fast_paths_correctly(pair):
+    """No attention mask: prefill (T == S, causal), a chunk at an offset (explicit causal mask)
+    and single-token decode (one query over every key) equal the full forward."""
+    _, ours = pair
+    input_ids = random_ids(1, 12, seed=6)
+    cache = StaticKVCache.for_model(ours.config.decoder, batch_size=1, max_length=16)
+    with torch.no_grad():
+        full = ours(input_ids)
+        pieces = [ours(input_ids[:, :5], kv_cache=cache), ours(input_ids[:, 5:9], kv_cache=cache)]
+        pieces += [ours(input_ids[:, t : t + 1], kv_cache=cache) for t in range(9, 12)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
