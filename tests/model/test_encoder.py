@@ -291,3 +291,25 @@ def test_bad_inputs_raise_clear_errors():
         ours(torch.zeros(2, 16, 80), torch.tensor([16, 17]))
     with pytest.raises(ValueError, match="ext_pw_out_channel"):
         ConformerEncoder(EncoderConfig(**{**TINY, "ext_pw_out_channel": 32}))
+
+
+@pytest.mark.parametrize("num_frames", [7, 9, 100, 4097])
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunked_subsampling_equals_one_pass(num_frames, padded):
+    """Subsampling in time chunks (each starting one output frame early on a multiple of 8)
+    equals the whole-sequence convolution, also with the padding-masking path, for chunk sizes
+    that do and do not divide the length."""
+    torch.manual_seed(0)
+    config = EncoderConfig(hidden_size=64, intermediate_size=96, num_blocks=1, num_heads=4, nemo_conv_channels=16,
+                           ext_pw_out_channel=64, depthwise_separable_out_channel=64)
+    subsampling = ConformerEncoder(config).embed.eval()
+    with torch.no_grad():
+        for param in subsampling.parameters():
+            param.normal_(0, 0.3)
+        features = torch.randn(2, num_frames, 80)
+        lengths = torch.tensor([num_frames, max(1, num_frames - 37)]) if padded else None
+        whole = subsampling(features, lengths, chunk_frames=10**9)
+        assert whole.shape[1] == -(-num_frames // 8)
+        for chunk_frames in (8, 24, 1000):
+            torch.testing.assert_close(subsampling(features, lengths, chunk_frames=chunk_frames), whole,
+                                       rtol=0, atol=1e-5)
