@@ -72,7 +72,7 @@ def main() -> None:
         reference.save_pretrained(directory)
         ours = load_pretrained(directory).eval()
     prompts, features, frames, audio_tokens = make_batch(args, args.vocab - 1)
-    params = SamplingParams(max_new_tokens=args.new, temperature=0)
+    params = SamplingParams(max_new_tokens=args.new, temperature=0, eos_token_ids=())
 
     input_ids = torch.stack(prompts)  # all prompts have the same length: no text padding
     audio_mask = torch.arange(features.shape[1])[None] < frames[:, None]

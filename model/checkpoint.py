@@ -19,12 +19,15 @@ mis-shaped tensor is an error naming the key and its file. Weights are read with
 only; nothing is ever unpickled.
 
 `save_pretrained` writes the transformers-native layout (so transformers can read the
-weights) with a config.json that also carries this project's exact config under "speechsum".
+weights) with a config.json that also carries this project's exact config under "speechsum",
+into a temporary directory that then replaces the target whole.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,10 +163,8 @@ def read_config(path: Path) -> SpeechLMConfig:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file}, line {err.lineno}: invalid JSON ({err.msg})") from None
-    if "speechsum" in raw:
-        return SpeechLMConfig.from_dict(raw["speechsum"])
     try:
-        return from_hf_config(raw)
+        return SpeechLMConfig.from_dict(raw["speechsum"]) if "speechsum" in raw else from_hf_config(raw)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{config_file}: cannot read the model config ({err})") from None
 
@@ -320,7 +321,30 @@ def save_pretrained(model: SpeechLM, path, *, max_shard_bytes: int = 5 * 1024**3
         raise ValueError("save_pretrained: the model has LoRA adapters; fold them in with "
                          "model.lora.merge_and_remove_lora(model) or save them with model.lora.save_adapter")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_weights(model, tmp, max_shard_bytes)
+    atomic_write_text(tmp / "config.json", json.dumps(native_config(model.config), indent=1))
+    # keep what else the directory holds (a tokenizer, notes); the weights and config are replaced
+    if path.is_dir():
+        for item in path.iterdir():
+            if not _owned_by_save(item.name):
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    # swap directories: a crash leaves either the old checkpoint or the new one, never a mix
+    old = path.with_name(f".old-{path.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _owned_by_save(name: str) -> bool:
+    return name.endswith(".safetensors") or name in (INDEX_FILE, "config.json")
+
+
+def _write_weights(model: SpeechLM, path: Path, max_shard_bytes: int) -> None:
     state = model.state_dict()
     if model.config.decoder.tie_word_embeddings:
         state.pop("decoder.lm_head.weight")
@@ -334,8 +358,6 @@ def save_pretrained(model: SpeechLM, path, *, max_shard_bytes: int = 5 * 1024**3
             size = 0
         shards[-1][key] = tensor
         size += nbytes
-    for stale in list(path.glob("*.safetensors")) + [path / INDEX_FILE]:
-        stale.unlink(missing_ok=True)
     if len(shards) == 1:
         atomic_save_safetensors(shards[0], path / "model.safetensors", metadata={"format": "pt"})
     else:
@@ -347,4 +369,3 @@ def save_pretrained(model: SpeechLM, path, *, max_shard_bytes: int = 5 * 1024**3
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         atomic_write_text(path / INDEX_FILE, json.dumps({"metadata": {"total_size": total},
                                                          "weight_map": weight_map}, indent=1))
-    atomic_write_text(path / "config.json", json.dumps(native_config(model.config), indent=1))

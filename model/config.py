@@ -218,8 +218,11 @@ def _decoder_from_hf(config: dict[str, Any]) -> DecoderConfig:
     # transformers 5.x: rope_parameters; 4.x and the original layout: rope_scaling + rope_theta.
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type in ("su", "yarn"):  # the names Phi-3 configs used for LongRoPE
+    if rope_type == "su":  # the name early Phi-3 configs used for LongRoPE
         rope_type = "longrope"
+    if rope_type not in ("default", "longrope"):
+        raise ValueError(f"rope type {rope_type!r} is not supported (Phi-4-mini uses 'longrope'); Phi-3's 'yarn' "
+                         "scales attention differently and would give wrong logits")
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     max_pos = int(config.get("max_position_embeddings", 131072))
     eos = config.get("eos_token_id", [199999, 200020])

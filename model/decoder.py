@@ -70,6 +70,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("short_inv_freq", short_inv_freq, persistent=False)
         self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the frequencies; `.to(torch.bfloat16)` must not round them (at
+        position 20k a bf16 frequency is off by tens of radians): recompute in float32."""
+        super()._apply(fn, recurse)
+        self.reset_buffers(self.short_inv_freq.device)
+        return self
+
     def forward(self, positions: torch.Tensor, sequence_length: int, dtype: torch.dtype):
         """positions (B, T) -> cos, sin (B, T, rotary_dim) in `dtype`.
 
@@ -93,6 +100,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot * cos + rotated_half * sin, x_pass), dim=-1)
 
 
+def attend(query, key, value, attn_mask, *, expand_kv: bool = False) -> torch.Tensor:
+    """Grouped-query attention: query (B, H, T, D), key/value (B, H_kv, S, D) -> (B, H, T, D).
+
+    attn_mask None means no padding: causal when T == S (a chunk from slot 0), else one query
+    over every key (decode). With a mask on CUDA, `expand_kv` repeats the key/value heads,
+    because no fused kernel takes both a mask and GQA there; the math fallback would hold the
+    whole (B, H, T, S) attention in float32.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if expand_kv and groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask,
+        is_causal=attn_mask is None and key.shape[2] == query.shape[2],
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+
+
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
@@ -113,14 +138,7 @@ class Attention(nn.Module):
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if kv_cache is not None:
             key, value = kv_cache.update(self.layer_idx, key, value)  # (B, H_kv, S, D)
-        out = F.scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            is_causal=attn_mask is None and key.shape[2] == length,  # else one query over all keys
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, T, D)
+        out = attend(query, key, value, attn_mask, expand_kv=attn_mask is not None and query.is_cuda)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, q_dim))
 
 

@@ -6,7 +6,8 @@
   leaves the model unchanged; dropout acts on the LoRA branch only.
 * `LoRALinear`'s state dict is the wrapped Linear's `weight` (+ `bias`) plus `lora_a` and
   `lora_b`, so a base checkpoint loads into an adapted model key for key.
-* merge: W <- W + (alpha / r) B A, unmerge subtracts it again (exact up to float rounding);
+* merge: W <- W + (alpha / r) B A, unmerge subtracts it again (exact up to float rounding; into
+  bf16 base weights the update is rounded to bf16, as any merged bf16 checkpoint is);
   `disabled` turns the branch off, which gives the reference model of DPO for free.
 * The paper's adapters: rank 16, alpha 32, on every decoder projection; the public
   checkpoint's own speech LoRA (r 320, alpha 640) is merged at load time (model/checkpoint.py).
@@ -74,8 +75,9 @@ class LoRALinear(nn.Module):
             return out
         if self.disabled:
             return out
-        lora_hidden = F.linear(self.dropout(x), self.lora_a)  # dropout(x) A^T, (..., r)
-        return out + F.linear(lora_hidden, self.lora_b) * self.scale  # + (alpha/r) (.) B^T
+        # the factors may be kept in float32 while the base weights are bf16 (train/recipe.py)
+        lora_hidden = F.linear(self.dropout(x), self.lora_a.to(x.dtype))  # dropout(x) A^T, (..., r)
+        return out + F.linear(lora_hidden, self.lora_b.to(x.dtype)) * self.scale  # + (alpha/r) (.) B^T
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"

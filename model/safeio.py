@@ -26,6 +26,13 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], target: str | Path
     _replace(tmp, target)
 
 
+def atomic_write_bytes(target: str | Path, data: bytes) -> None:
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    _replace(tmp, target)
+
+
 def atomic_write_text(target: str | Path, text: str) -> None:
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")

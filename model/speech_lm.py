@@ -50,7 +50,7 @@ class SpeechLM(nn.Module):
             encoded, token_counts = self.encoder(
                 audio_features.to(embeds.dtype), audio_lengths, mask_padding=self.config.encoder.mask_padding
             )  # (N, T', D_enc), (N,)
-        audio_embeds = self.projector(encoded)  # (N, T', hidden)
+        audio_embeds = self.projector(encoded.to(self.projector.up_proj.weight.dtype))  # (N, T', hidden)
         clip_tokens = torch.cat([audio_embeds[i, :n] for i, n in enumerate(token_counts.tolist())])  # (sum n, hidden)
         num_placeholders = int(placeholder.sum())
         if num_placeholders != clip_tokens.shape[0]:

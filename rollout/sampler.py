@@ -21,7 +21,11 @@ draw from the filtered softmax. temperature 0 means greedy (argmax of the raw lo
 
 `Rollout.logprobs` is the log-probability of each sampled token under the model's *unmodified*
 distribution (temperature 1, no top-k/top-p): the quantity the KD and DPO losses need, equal to
-a teacher-forced forward over prompt + response (tests check 1e-5).
+a teacher-forced forward over prompt + response (tests check 1e-5). One caveat with LongRoPE: the
+cache fixes the rotary factors by its capacity, prompt + max_new_tokens (model/decoder.py), so
+if that capacity exceeds original_max_position_embeddings (4096) while the actual sequence does
+not, the rollout used the long factors and a teacher-forced forward of the same tokens uses the
+short ones.
 
 Randomness and what is guaranteed. The Gumbel noise is counter-based: a 32-bit integer hash of
 (row stream, step, token id), with the row stream of sample n of prompt i derived from
@@ -51,7 +55,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = 0  # 0: no top-k
     top_p: float = 1.0  # 1.0: no nucleus filtering
-    eos_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None  # None: the model's (config.decoder.eos_token_ids); (): never stop
     num_samples: int = 1
     seed: int | None = None
 
@@ -64,7 +68,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: need top_k >= 0 and 0 < top_p <= 1, got {self.top_k}, {self.top_p}")
         if self.num_samples < 1:
             raise ValueError(f"SamplingParams.num_samples must be >= 1, got {self.num_samples}")
-        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        if self.eos_token_ids is not None:
+            object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
 
 @dataclass
@@ -196,7 +201,8 @@ def generate(
     attention_mask = torch.ones(rows, total, dtype=torch.long, device=device)
     attention_mask[:, :prompt_length] = prompt_mask.repeat_interleave(num_samples, dim=0)
     next_position = prompt_mask.sum(-1).repeat_interleave(num_samples)  # (B*N,) real prompt tokens
-    eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
+    eos_ids = decoder.config.eos_token_ids if params.eos_token_ids is None else params.eos_token_ids
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
     tokens = torch.full((rows, max_new), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)

@@ -36,7 +36,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     train: list[str] = field(default_factory=list)  # JSON-lines manifests (DPO: pairs files)
-    eval: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)  # held-out manifests: the stage's loss every run.eval_every steps
     batch_size: int = 4  # at most this many samples (DPO: pairs) per micro-batch and rank
     max_tokens: int = 32768  # padded tokens (audio + text) per micro-batch
     max_audio_seconds: float = 1800.0  # the paper trains on up to 30 minutes
@@ -87,7 +87,6 @@ class KDSection:
 
 @dataclass
 class DPOSection:
-    pairs: str = ""
     beta: float = 0.1
     label_smoothing: float = 0.0
 

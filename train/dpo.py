@@ -14,7 +14,7 @@ from .stages import DPOStage
 
 
 def main(argv=None) -> int:
-    return run_recipe("dpo", lambda config, model, tokenizer: DPOStage(config.dpo.beta, config.dpo.label_smoothing),
+    return run_recipe("dpo", lambda config, model, tokenizer: DPOStage(model, config.dpo.beta, config.dpo.label_smoothing),
                       task="pairs", argv=argv)
 
 

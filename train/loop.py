@@ -29,6 +29,7 @@ loss stops the run with a message naming the step and the sample ids (saved to a
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from model.safeio import atomic_save_safetensors, atomic_write_text
+from model.safeio import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
 
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, is_distributed, rng_state, set_rng_state
@@ -132,11 +133,16 @@ def save_checkpoint(out_dir: Path, model, optimizer, position: Position, config:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
+    if not tmp.is_dir():
+        raise RuntimeError(f"rank {info.rank}: {tmp} (made by rank 0) is not visible here; run.out_dir must be "
+                           "on a file system that every node shares")
     atomic_write_text(tmp / f"rng_rank{info.rank}.json", json.dumps(rng_state()))
     barrier()
     if info.is_main:
         atomic_save_safetensors(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        atomic_write_bytes(tmp / "optimizer.pt", buffer.getvalue())
         atomic_write_text(tmp / "position.json", json.dumps(position.__dict__))
         config.save(tmp / "config.json")
         shutil.rmtree(final, ignore_errors=True)
@@ -156,6 +162,11 @@ def load_trainable(directory: Path, model) -> None:
     if set(trainable) != set(expected):
         raise ValueError(f"{directory}: trainable tensors {sorted(set(trainable) ^ set(expected))[:5]} differ "
                          "from the model's; the run's config (LoRA, projector) changed since it was saved")
+    reshaped = [f"{k} {tuple(trainable[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                if trainable[k].shape != v.shape]
+    if reshaped:
+        raise ValueError(f"{directory}: saved trainable tensors have other shapes than the model's ({reshaped[:3]}); "
+                         "the LoRA rank changed since it was saved")
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in trainable:
@@ -178,11 +189,22 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     directory = out_dir / pointer.read_text().strip()
-    return directory if directory.is_dir() else None
+    if not directory.is_dir():
+        raise ValueError(f"{pointer} names {directory.name}, which does not exist; restore it, point `latest` "
+                         "at another step_* directory, or delete `latest` to start over")
+    return directory
 
 
 # ---------------------------------------------------------------------------------------------
 # logging
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; infinity for a line a crash left half-written."""
+    try:
+        return json.loads(line).get("step", math.inf)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
 
 
 class MetricsLog:
@@ -191,9 +213,8 @@ class MetricsLog:
     def __init__(self, out_dir: Path, info: DistInfo, resume_step: int):
         self.enabled = info.is_main
         self.path = out_dir / "metrics.jsonl"
-        if self.enabled and self.path.exists():  # drop lines written after the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        if self.enabled and self.path.exists():  # drop lines after the checkpoint we resume from, and torn ones
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.terminal = sys.stderr.isatty()
 
@@ -268,7 +289,7 @@ def train(
                 micro_batches.append(stage.prepare(model, batch))
         # 2. loss units of the global batch
         local_units = sum(stage.loss_units(b) for b in micro_batches)
-        global_units = int(all_reduce_sum(torch.tensor([float(local_units)], device=info.device)).item())
+        global_units = int(all_reduce_sum(torch.tensor([local_units], dtype=torch.float64, device=info.device)).item())
         if global_units == 0:
             raise ValueError(f"step {position.step + 1}: the global batch has no loss tokens (all prompts, no response?)")
         scale = info.world_size / global_units
@@ -282,8 +303,12 @@ def train(
             with sync:
                 with autocast_context(info.device):
                     loss_sum, metrics = wrapped(batch)
-                if not torch.isfinite(loss_sum.detach()):
-                    report_nonfinite(out_dir, position.step + 1, info, data.sample_ids(batch))
+                # every rank learns whether any rank's loss is bad, so all stop together (no rank
+                # is left waiting in the gradient all-reduce)
+                bad = all_reduce_sum((~torch.isfinite(loss_sum.detach())).to(torch.float32).reshape(1))
+                if bad.item():
+                    report_nonfinite(out_dir, position.step + 1, info, data.sample_ids(batch),
+                                     own=not torch.isfinite(loss_sum.detach()))
                 (loss_sum.float() * scale).backward()
             metric_sums["loss"] += float(loss_sum.detach())
             for key, value in metrics.items():
@@ -320,7 +345,11 @@ def train(
     return position
 
 
-def report_nonfinite(out_dir: Path, step: int, info: DistInfo, sample_ids: list[str]) -> None:
+def report_nonfinite(out_dir: Path, step: int, info: DistInfo, sample_ids: list[str], own: bool) -> None:
+    """Stop every rank; the rank whose loss is bad saves its batch's sample ids."""
+    if not own:
+        raise NonFiniteLoss(f"step {step}: another rank's loss is NaN or inf (see its nonfinite_step{step}_rank*.json "
+                            f"in {out_dir}); stopping rank {info.rank} too")
     path = out_dir / f"nonfinite_step{step}_rank{info.rank}.json"
     atomic_write_text(path, json.dumps({"step": step, "rank": info.rank, "sample_ids": sample_ids}))
     raise NonFiniteLoss(f"step {step}, rank {info.rank}: the loss is NaN or inf on samples {sample_ids[:8]}; "

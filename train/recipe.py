@@ -14,6 +14,7 @@ Errors a user can fix (config, data, checkpoint) print one message and exit with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import sys
@@ -30,7 +31,7 @@ from model.lora import apply_lora, mark_trainable, merge_and_remove_lora
 from model.tokenizer import load_tokenizer
 
 from .config import ConfigError, TrainConfig, load_config
-from .distributed import DistInfo, barrier, init_distributed, seed_everything, shutdown
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_everything, shutdown
 from .loop import train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -51,7 +52,9 @@ def build_model(config: TrainConfig, device: torch.device):
     model.decoder.gradient_checkpointing = section.gradient_checkpointing
     apply_lora(model, rank=section.lora_rank, alpha=section.lora_alpha, dropout=section.lora_dropout)
     extra = ("projector.",) if section.train_projector and model.projector is not None else ()
-    mark_trainable(model, extra_prefixes=extra)
+    for name in mark_trainable(model, extra_prefixes=extra):
+        # float32 master copies of what trains: bf16 would round most small AdamW updates away
+        model.get_parameter(name).data = model.get_parameter(name).data.float()
     return model.to(device)
 
 
@@ -67,6 +70,25 @@ def build_dataset(config: TrainConfig, tokenizer, model, info: DistInfo, task: s
         seed=config.run.seed, rank=info.rank, world_size=info.world_size,
         feature_cache=data.feature_cache or None, device=info.device,
     )
+
+
+def held_out_loss(stage, data, info: DistInfo):
+    """evaluate(model, step) for the loop: the stage's loss per unit on held-out batches, over all ranks."""
+
+    @torch.no_grad()
+    def evaluate(model, step: int) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # loss sum, units
+        for plan in data.epoch_plans(0):
+            batch = stage.prepare(model, data.load(plan))
+            loss_sum, _ = stage.loss(model, batch)
+            totals += torch.tensor([float(loss_sum), stage.loss_units(batch)], dtype=torch.float64, device=info.device)
+        all_reduce_sum(totals)
+        model.train(was_training)
+        return {"eval_loss": float(totals[0] / totals[1].clamp(min=1))}
+
+    return evaluate
 
 
 def export_merged(config: TrainConfig, model, out_dir: Path) -> Path:
@@ -99,11 +121,16 @@ def run_recipe(stage_name: str, make_stage, task: str, argv=None, reserve_tokens
         seed_everything(config.run.seed, info.rank)
         tokenizer = load_tokenizer(config.model.tokenizer or config.model.checkpoint)
         model = build_model(config, info.device)
-        data = build_dataset(config, tokenizer, model, info, task(config) if callable(task) else task,
-                             reserve_tokens(config))
+        task_name = task(config) if callable(task) else task
+        data = build_dataset(config, tokenizer, model, info, task_name, reserve_tokens(config))
         stage = make_stage(config, model, tokenizer)
         out_dir = Path(config.run.out_dir)
-        train(config, model, stage, data, info)
+        evaluate = None
+        if config.data.eval and config.run.eval_every > 0:
+            held_out = build_dataset(dataclasses.replace(config, data=dataclasses.replace(
+                config.data, train=config.data.eval)), tokenizer, model, info, task_name, reserve_tokens(config))
+            evaluate = held_out_loss(stage, held_out, info)
+        train(config, model, stage, data, info, evaluate=evaluate)
         if data.skipped or data.rejected:
             logging.getLogger(__name__).warning("data: rejected %s, skipped on rank %d %s, refills %d",
                                                 dict(data.rejected), info.rank, dict(data.skipped), data.refills)

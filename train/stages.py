@@ -6,6 +6,7 @@ Metrics are sums over the same units, so the loop's division turns them into mea
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -14,23 +15,24 @@ from data.batching import Batch, collate
 from losses.dpo import dpo_loss, sequence_logprobs
 from losses.kd import TeacherLogprobs, TeacherTopK, fused_kd_loss
 from losses.sft import masked_cross_entropy
+from model.lora import lora_disabled
 from rollout.sampler import SamplingParams, generate
 from rollout.teachers import FullLogprobs, TopKLogprobs
+
+from .config import ConfigError
 
 DIVERGENCE_BETA = {"forward": 0.0, "reverse": 1.0}  # the GKD endpoints (losses/kd.py)
 
 
-def response_logits(model, batch: Batch, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, V) at the positions that predict a response token, and those tokens (N,).
+def batch_hidden(model, batch: Batch) -> torch.Tensor:
+    """Final hidden states (B, T, H) of a right-padded batch (`collate`'s layout).
 
-    Only the N response positions go through the LM head: a prompt of 22,500 audio tokens
-    never becomes [T, 200064] logits.
+    No attention mask is passed: causal attention already keeps every real token from seeing
+    the padding after it, and the default positions 0..T-1 are right for right padding. That
+    keeps the fused attention kernels usable (a mask would force the math path on CUDA, far
+    too big for 30-minute prompts).
     """
-    if hidden is None:
-        hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.audio_features, batch.audio_lengths)
-    target_mask = batch.loss_mask[:, 1:]  # (B, T-1): position t predicts token t + 1
-    predicting = hidden[:, :-1][target_mask]  # (N, hidden)
-    return model.decoder.logits(predicting), batch.input_ids[:, 1:][target_mask]
+    return model.hidden_states(batch.input_ids, None, batch.audio_features, batch.audio_lengths)
 
 
 class SFTStage:
@@ -42,13 +44,11 @@ class SFTStage:
         return batch
 
     def loss_units(self, batch: Batch) -> int:
-        return int(batch.loss_mask[:, 1:].sum())
+        return int(batch.loss_mask.sum())
 
     def loss(self, model, batch: Batch):
-        logits, targets = response_logits(model, batch)  # (N, V), (N,)
-        mask = torch.ones(1, targets.numel(), dtype=torch.bool, device=targets.device)
-        nll_sum = masked_cross_entropy(logits[None], targets[None], mask, reduction="sum")
-        return nll_sum, {}
+        logits, labels, mask = response_window(model, batch)  # (B, L, V), (B, L), (B, L)
+        return masked_cross_entropy(logits, labels, mask, reduction="sum"), {}
 
 
 def response_hidden(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,7 +58,7 @@ def response_hidden(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, to
     its first response token (prompt_length - 1). The layout is that of the sampler's Rollout
     and of the teachers' scores, so the three line up position by position.
     """
-    hidden = model.hidden_states(batch.input_ids, batch.attention_mask, batch.audio_features, batch.audio_lengths)
+    hidden = batch_hidden(model, batch)
     response_lengths = batch.loss_mask.sum(-1)  # (B,)
     width = max(int(response_lengths.max()), 1)
     offsets = torch.arange(width, device=hidden.device)  # (L,)
@@ -81,22 +81,45 @@ class DPOStage:
 
     Batches hold pairs as consecutive rows: row 2i is y+ and row 2i+1 is y- of pair i, with the
     same prompt and clip. Reference log-probabilities are computed once per pair (in `prepare`,
-    adapters disabled, no gradient) and kept for the rest of the run.
+    no gradient) and kept for the rest of the run.
+
+    pi_ref is the starting checkpoint (the KD model). The stage's adapters are switched off for
+    it, and every other parameter that trains (the projector) is swapped back to its value at
+    construction, so a pair first met after some steps is still scored by pi_ref, and a resumed
+    run computes the same references.
     """
 
     name = "dpo"
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0):
+    def __init__(self, model, beta: float = 0.1, label_smoothing: float = 0.0):
         self.beta, self.label_smoothing = beta, label_smoothing
         self.reference_logps: dict[str, tuple[float, float]] = {}
         self.reference_computations = 0
+        self.reference_params = {  # trainable tensors outside the LoRA adapters, as pi_ref has them
+            name: param.detach().clone() for name, param in model.named_parameters()
+            if param.requires_grad and not name.endswith((".lora_a", ".lora_b"))
+        }
+
+    @contextlib.contextmanager
+    def reference_model(self, model):
+        """The model as pi_ref inside the block: adapters off, other trainable tensors at their start."""
+        params = dict(model.named_parameters())
+        current = {name: params[name].detach().clone() for name in self.reference_params}
+        with torch.no_grad():
+            for name, value in self.reference_params.items():
+                params[name].copy_(value)
+        try:
+            with lora_disabled(model):
+                yield model
+        finally:
+            with torch.no_grad():
+                for name, value in current.items():
+                    params[name].copy_(value)
 
     def prepare(self, model, batch: Batch) -> Batch:
-        from model.lora import lora_disabled
-
         pair_ids = batch.ids[0::2]
         if any(pid not in self.reference_logps for pid in pair_ids):
-            with lora_disabled(model):
+            with self.reference_model(model):
                 logits, labels, mask = response_window(model, batch)
                 logps = sequence_logprobs(logits, labels, mask).tolist()  # (2P,)
             self.reference_computations += 1
@@ -153,9 +176,9 @@ class KDStage:
                  on_policy_fraction: float = 1.0, divergence: str = "forward", beta: float = 0.5,
                  ce_weight: float = 0.0):
         if divergence not in DIVERGENCE_BETA and divergence != "jsd":
-            raise ValueError(f"kd.divergence={divergence!r}: expected 'forward', 'reverse' or 'jsd'")
+            raise ConfigError(f"kd.divergence={divergence!r}: expected 'forward', 'reverse' or 'jsd'")
         if divergence != "forward" and getattr(teacher, "top_k", None) is not None:
-            raise ValueError(f"kd.divergence={divergence!r} needs a full-vocabulary teacher; a top-k (API) "
+            raise ConfigError(f"kd.divergence={divergence!r} needs a full-vocabulary teacher; a top-k (API) "
                              "teacher supports the forward KL only (top-k reverse KL is unstable, verl PR #5041)")
         self.teacher, self.pad_token_id = teacher, pad_token_id
         self.eos_token_ids = tuple(eos_token_ids)
@@ -198,10 +221,7 @@ class KDStage:
         kd_sum = fused_kd_loss(hidden, weight, teacher, mask, beta=self.beta, reduction="sum")
         loss_sum = kd_sum
         if self.ce_weight:
-            logits = model.decoder.logits(hidden[mask])  # (N, V)
-            ce_sum = masked_cross_entropy(logits[None], labels[mask][None],
-                                          torch.ones(1, logits.shape[0], dtype=torch.bool, device=device),
-                                          reduction="sum")
+            ce_sum = masked_cross_entropy(model.decoder.logits(hidden), labels, mask, reduction="sum")
             loss_sum = loss_sum + self.ce_weight * ce_sum
         rows = len(kd_batch.ended_with_eos)
         metrics = {

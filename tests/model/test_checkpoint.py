@@ -160,3 +160,19 @@ def test_no_weights_and_bad_json(saved):
     (saved / "config.json").write_text('{"vocab_size": 3,\n oops}')
     with pytest.raises(CheckpointError, match=r"config\.json, line 2: invalid JSON"):
         load_pretrained(saved)
+
+
+def test_resave_replaces_weights_keeps_other_files_and_leaves_no_temporaries(tmp_path):
+    model = load_pretrained(_saved_tiny(tmp_path))
+    target = tmp_path / "out"
+    save_pretrained(model, target, max_shard_bytes=64 * 1024)  # sharded first
+    (target / "tokenizer.model").write_bytes(b"tok")
+    save_pretrained(model, target)  # then a single file: the old shards must go
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert (target / "tokenizer.model").read_bytes() == b"tok"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _saved_tiny(tmp_path):
+    random_model(tiny_config(seed=1), seed=4).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"

@@ -122,3 +122,24 @@ def test_kv_cache_without_padding_uses_the_fast_paths_correctly(pair):
         pieces = [ours(input_ids[:, :5], kv_cache=cache), ours(input_ids[:, 5:9], kv_cache=cache)]
         pieces += [ours(input_ids[:, t : t + 1], kv_cache=cache) for t in range(9, 12)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_expanded_kv_heads_equal_grouped_attention():
+    """The CUDA masked path (key/value heads repeated) computes the same attention as GQA."""
+    from model.decoder import attend
+
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, h, 5, 8, generator=gen) for h in (6, 2, 2))
+    mask = torch.rand(2, 1, 5, 5, generator=gen) > 0.3
+    mask |= torch.eye(5, dtype=torch.bool)
+    torch.testing.assert_close(attend(query, key, value, mask, expand_kv=True),
+                               attend(query, key, value, mask), rtol=0, atol=1e-6)
+
+
+def test_rotary_frequencies_stay_float32_when_the_model_is_cast(pair):
+    _, ours = pair
+    copy = type(ours)(ours.config)
+    expected = copy.decoder.rotary.long_inv_freq.clone()
+    copy.to(torch.bfloat16)
+    assert copy.decoder.rotary.long_inv_freq.dtype == torch.float32
+    torch.testing.assert_close(copy.decoder.rotary.long_inv_freq, expected, rtol=0, atol=0)

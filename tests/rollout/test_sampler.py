@@ -57,7 +57,7 @@ def clips_of(prompt_index, features, lengths):
 def test_greedy_equals_recompute_loop(pair, batch):
     _, ours = pair
     prompts, features, lengths = batch
-    params = SamplingParams(max_new_tokens=12, temperature=0)
+    params = SamplingParams(max_new_tokens=12, temperature=0, eos_token_ids=())
     rollout = generate(ours, prompts, params, audio_features=features, audio_lengths=lengths)
     assert rollout.tokens.shape == (3, 12) and rollout.mask.all()
     for i, prompt in enumerate(prompts):
@@ -70,7 +70,7 @@ def test_greedy_equals_transformers_generate(pair, batch):
     """Prompt by prompt (batch 1, so no padding conventions differ), with audio."""
     reference, ours = pair
     prompts, features, lengths = batch
-    rollout = generate(ours, prompts, SamplingParams(max_new_tokens=10, temperature=0),
+    rollout = generate(ours, prompts, SamplingParams(max_new_tokens=10, temperature=0, eos_token_ids=()),
                        audio_features=features, audio_lengths=lengths)
     for i, prompt in enumerate(prompts):
         clip_features, clip_lengths = clips_of(i, features, lengths)
@@ -91,7 +91,7 @@ def test_logprobs_equal_teacher_forced_log_softmax(pair, batch):
     lets padding shift a clip's encoding slightly, so the audio batch must be the same)."""
     _, ours = pair
     prompts, features, lengths = batch
-    params = SamplingParams(max_new_tokens=9, temperature=1.3, top_k=20, seed=5, num_samples=2)
+    params = SamplingParams(max_new_tokens=9, temperature=1.3, top_k=20, seed=5, num_samples=2, eos_token_ids=())
     rollout = generate(ours, prompts, params, audio_features=features, audio_lengths=lengths)
     rows = range(rollout.tokens.shape[0])
     sequences = [torch.cat([prompts[int(rollout.prompt_index[r])], rollout.tokens[r]]) for r in rows]
@@ -113,7 +113,7 @@ def test_logprobs_equal_teacher_forced_log_softmax(pair, batch):
 def test_eos_stops_a_row_and_rows_equal_running_alone(pair, batch):
     _, ours = pair
     prompts, features, lengths = batch
-    free = generate(ours, prompts, SamplingParams(max_new_tokens=10, temperature=0),
+    free = generate(ours, prompts, SamplingParams(max_new_tokens=10, temperature=0, eos_token_ids=()),
                     audio_features=features, audio_lengths=lengths)
     eos = int(free.tokens[0, 3])  # row 0 will stop after its 4th token
     params = SamplingParams(max_new_tokens=10, temperature=0, eos_token_ids=(eos, 250))
@@ -136,14 +136,14 @@ def test_num_samples_match_separate_seeded_calls_and_encode_audio_once(pair, bat
     calls = []
     hook = ours.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     try:
-        params = SamplingParams(max_new_tokens=8, temperature=1.0, num_samples=3, seed=100)
+        params = SamplingParams(max_new_tokens=8, temperature=1.0, num_samples=3, seed=100, eos_token_ids=())
         rollout = generate(ours, prompts, params, audio_features=features, audio_lengths=lengths)
     finally:
         hook.remove()
     assert calls == [3]  # one encoder call for the three clips, not one per sample
     assert rollout.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     for n in range(3):
-        single = generate(ours, prompts, SamplingParams(max_new_tokens=8, temperature=1.0, seed=100 + n),
+        single = generate(ours, prompts, SamplingParams(max_new_tokens=8, temperature=1.0, seed=100 + n, eos_token_ids=()),
                           audio_features=features, audio_lengths=lengths)
         for i in range(3):
             assert rollout.tokens[3 * i + n].tolist() == single.tokens[i].tolist()
@@ -154,7 +154,7 @@ def test_num_samples_match_separate_seeded_calls_and_encode_audio_once(pair, bat
 def test_seed_reproducibility(pair, batch):
     _, ours = pair
     prompts, features, lengths = batch
-    run = lambda seed: generate(ours, prompts, SamplingParams(max_new_tokens=6, seed=seed),  # noqa: E731
+    run = lambda seed: generate(ours, prompts, SamplingParams(max_new_tokens=6, seed=seed, eos_token_ids=()),  # noqa: E731
                                 audio_features=features, audio_lengths=lengths).tokens
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
