@@ -20,6 +20,8 @@ DDP wraps a small module whose forward *is* the stage's loss, so every model cal
 (logits, hidden states for the fused KD loss, the DPO reference with adapters disabled) runs
 inside DDP's forward, and only the trainable parameters (LoRA, projector) are synchronised.
 
+Batches are loaded one step ahead on a background thread (`Prefetcher`).
+
 Checkpoints (atomic: written under a temporary name, then renamed) hold the trainable weights
 (safetensors), the optimizer state (loaded with weights_only=True), the step, the data
 position, every rank's RNG state and the resolved config; `latest` names the newest. A run
@@ -36,6 +38,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -75,6 +78,30 @@ class BatchSource(Protocol):
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Prefetcher:
+    """Loads the batch after the one in hand on a background thread (decoding 30-minute clips
+    takes seconds), so it overlaps the step. Loading stays deterministic: the same plan gives
+    the same batch whichever thread loads it; a failure surfaces when that batch is taken."""
+
+    def __init__(self, data: BatchSource):
+        self.data = data
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.pending: tuple[tuple[int, int], Future] | None = None
+
+    def load(self, epoch: int, index: int, plans: list[Any]) -> Any:
+        if self.pending is not None and self.pending[0] == (epoch, index):
+            batch = self.pending[1].result()
+        else:
+            batch = self.data.load(plans[index])
+        self.pending = None
+        if index + 1 < len(plans):
+            self.pending = ((epoch, index + 1), self.executor.submit(self.data.load, plans[index + 1]))
+        return batch
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class StageForward(nn.Module):
@@ -271,6 +298,7 @@ def train(
     if optim.epochs > 0:  # every rank has the same number of batches per epoch
         optim.max_steps = max(1, math.ceil(len(data.epoch_plans(0)) * optim.epochs / optim.grad_accum))
     steps_this_call = 0
+    loader = Prefetcher(data)
 
     while position.step < optim.max_steps and (stop_after is None or steps_this_call < stop_after):
         start = time.perf_counter()
@@ -282,7 +310,7 @@ def train(
                 plans = data.epoch_plans(position.epoch)
                 if not plans:
                     raise ValueError("the training data yields no batch for this rank; add data or lower the batch size")
-            batch = data.load(plans[position.batch_index])
+            batch = loader.load(position.epoch, position.batch_index, plans)
             position.batch_index += 1
             model.eval()
             with torch.no_grad(), autocast_context(info.device):
@@ -342,6 +370,7 @@ def train(
         finished = position.step >= optim.max_steps
         if finished or (run.save_every and position.step % run.save_every == 0):
             save_checkpoint(out_dir, model, optimizer, position, config, info, run.keep_last)
+    loader.close()
     return position
 
 
