@@ -45,12 +45,17 @@ class SpeechLM(nn.Module):
             raise ValueError("audio_features given, but this SpeechLM has no speech encoder (config.encoder is None)")
         # audio_lengths None: every clip fills all frames (the reference passes no mask then).
         # A frozen encoder keeps no activations for backward: 30-minute clips stay affordable.
+        # A clip repeated in consecutive rows (the two responses of a DPO pair, the N samples of a
+        # prompt) is encoded once.
+        first, copy_of = consecutive_repeats(audio_features, audio_lengths)  # (U,), (N,)
+        lengths = None if audio_lengths is None else audio_lengths[first]
         encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
             encoded, token_counts = self.encoder(
-                audio_features.to(embeds.dtype), audio_lengths, mask_padding=self.config.encoder.mask_padding
-            )  # (N, T', D_enc), (N,)
-        audio_embeds = self.projector(encoded.to(self.projector.up_proj.weight.dtype))  # (N, T', hidden)
+                audio_features[first].to(embeds.dtype), lengths, mask_padding=self.config.encoder.mask_padding
+            )  # (U, T', D_enc), (U,)
+        audio_embeds = self.projector(encoded.to(self.projector.up_proj.weight.dtype))[copy_of]  # (N, T', hidden)
+        token_counts = token_counts[copy_of]  # (N,)
         clip_tokens = torch.cat([audio_embeds[i, :n] for i, n in enumerate(token_counts.tolist())])  # (sum n, hidden)
         num_placeholders = int(placeholder.sum())
         if num_placeholders != clip_tokens.shape[0]:
@@ -90,3 +95,16 @@ class SpeechLM(nn.Module):
             input_ids, attention_mask, audio_features, audio_lengths, kv_cache=kv_cache, positions=positions
         )
         return self.decoder.logits(hidden)
+
+
+def consecutive_repeats(features: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips equal to the one before them: (indices of the distinct clips (U,), for every clip
+    the position of its distinct copy among those (N,))."""
+    first, copy_of = [0], [0]
+    for i in range(1, features.shape[0]):
+        same_length = lengths is None or bool(lengths[i] == lengths[i - 1])
+        if not (same_length and torch.equal(features[i], features[i - 1])):
+            first.append(i)
+        copy_of.append(len(first) - 1)
+    device = features.device
+    return torch.tensor(first, device=device), torch.tensor(copy_of, device=device)

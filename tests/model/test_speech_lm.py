@@ -145,3 +145,25 @@ def test_frozen_encoder_keeps_no_graph_while_projector_and_lora_train(models, tm
     assert not outputs[0].requires_grad  # no activations kept for the frozen encoder
     assert {n.split(".")[0] for n in grads} == {"decoder", "projector"}
     assert all(n.startswith("projector.") or n.endswith((".lora_a", ".lora_b")) for n in grads)
+
+
+def test_a_clip_repeated_in_consecutive_rows_is_encoded_once(models):
+    """Two rows with the same clip (a DPO pair): one encoder call on one clip, same logits as
+    two separate rows."""
+    _, ours = models["native"]
+    features = torch.randn(1, 200, 80, generator=torch.Generator().manual_seed(8))
+    rows = [prompt([tokens(200)], 4, seed=21), prompt([tokens(200)], 6, seed=22)]
+    input_ids, mask = right_pad(rows)
+    calls = []
+    hook = ours.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            together = ours(input_ids, mask, features.expand(2, -1, -1), torch.tensor([200, 200]))
+    finally:
+        hook.remove()
+    assert calls == [1]
+    with torch.no_grad():
+        for row in range(2):
+            alone = ours(input_ids[row : row + 1, : len(rows[row])], audio_features=features,
+                         audio_lengths=torch.tensor([200]))
+            torch.testing.assert_close(together[row, : len(rows[row])], alone[0], rtol=0, atol=1e-5)
