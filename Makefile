@@ -26,8 +26,10 @@ demo: $(STAMP)
 	@echo "What works today: make test (decoder, LoRA and checkpoint parity with transformers), make bench."
 	@exit 2
 
+BENCHES := decoder features long_audio sampler train_step kd_loss
+
 bench: $(STAMP)
-	$(PY) bench/decoder.py
+	@for name in $(BENCHES); do echo "== bench/$$name.py"; $(PY) bench/$$name.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
