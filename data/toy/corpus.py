@@ -1,0 +1,306 @@
+"""The toy corpus: meetings per split, their audio and the manifests, seeded and cached.
+
+    python -m data.toy.corpus [--seed 0] [--preset demo|quick] [--root cache/toy] [--workers 2]
+        # -> cache/toy/corpus-<key>/, and the link cache/toy/<preset> (<preset>-seed<N> for seed N != 0)
+    corpus_dir = build_corpus(seed=0, sizes=PRESETS["demo"])   # -> cache/toy/corpus-<key>/
+    texts = training_texts(corpus_dir)                          # the tokenizer's training text
+
+Splits (meetings are disjoint across splits; `Sizes` gives the counts):
+  pretrain      ASR rows, one per dialogue turn (offset + duration into the meeting's WAV),
+                instruction `ASR_INSTRUCTION`, summary = transcript = the turn's words: the
+                stand-in for Phi-4MM's pre-training stage that aligns encoder and projector
+                with the decoder by speech recognition.
+  teacher       the pretrain meetings with instructions and references, for the text-only
+                teacher (transcript + instruction -> reference; it never hears the audio).
+  sft           instructions with references (paper section 2.1).
+  kd            audio + instruction + transcript, no reference (section 2.2: the teacher reads
+                the transcript, the student the audio).
+  dpo           audio + instruction + transcript, no reference (section 2.3).
+  test_in       in-domain test: training voices and phrasings, with references.
+  test_shifted  shifted test: voices (accents and variants) and phrasings (dialogue and
+                instructions) never used in training.
+  text          (no audio, no manifest) `text_items`: more meetings as text, for the text-only
+                training of data/toy/pretrain.py; text is cheap, audio is not.
+
+Every instruction row carries `judge_source` (JSON {"meeting": record, "task": {family,
+params}}, read by eval/oracle.py through the evaluation runner's `jsonl:` loader), `family`,
+`format` and `requested_length` (the oracle's format and word limit, data/toy/tasks.py `spec`,
+in the form eval/diagnostics.py reads; the brief family's 80 words are implicit in its
+instruction), `meeting_id` and `split`. Instruction families and references: data/toy/tasks.py; per meeting,
+`Sizes.instructions` distinct families.
+
+Determinism: every meeting has its own random streams, seeded by strings
+"{seed}/{split}/{index}/{purpose}" (Python's `random.Random` seeds strings through SHA-512,
+independent of PYTHONHASHSEED), so a meeting does not depend on the sizes of the other splits
+or on the order of generation; espeak-ng is deterministic (data/toy/speech.py).
+
+Cache: `{root}/corpus-{key}` with key = SHA-256 of (seed, GENERATOR_VERSION, sizes), first 12
+hex digits. A build writes into `corpus-{key}.partial/`: each meeting's WAV and its segment
+times (`audio/{id}.json`) are written to a temporary file and renamed, so an interrupted build
+resumes where it stopped; the manifests and `corpus.json` (statistics) come last and the
+folder is renamed to `corpus-{key}` only when complete. A finished corpus is reused as is.
+Bump GENERATOR_VERSION whenever the output for a seed changes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .dialogue import Turn, render_dialogue, transcript
+from .tasks import Task, instruction, reference, sample_tasks, spec
+from .world import Meeting, sample_meeting
+
+GENERATOR_VERSION = 2
+ASR_INSTRUCTION = "Transcribe the audio clip."
+SPLITS = ("pretrain", "sft", "kd", "dpo", "test_in", "test_shifted")
+TEXT_SPLIT = "text"  # meetings that are never rendered to audio: text-only training (data/toy/pretrain.py)
+MANIFESTS = ("pretrain", "teacher", "sft", "kd", "dpo", "test_in", "test_shifted")
+WITH_REFERENCE = {"teacher", "sft", "test_in", "test_shifted"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Meetings per split and instructions per meeting."""
+
+    pretrain: int = 200
+    sft: int = 160
+    kd: int = 80
+    dpo: int = 80
+    test_in: int = 30
+    test_shifted: int = 30
+    instructions: int = 2
+
+
+PRESETS = {
+    "demo": Sizes(),
+    "quick": Sizes(pretrain=24, sft=16, kd=8, dpo=8, test_in=6, test_shifted=6, instructions=2),
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One instruction about one meeting, with its reference answer."""
+
+    task: Task
+    instruction: str
+    reference: str
+
+
+@dataclass(frozen=True)
+class PlannedMeeting:
+    """Everything about one meeting but its audio: pure function of (seed, split, index)."""
+
+    split: str
+    index: int
+    style: str  # "train" | "shifted"
+    meeting: Meeting
+    turns: list[Turn]
+    items: list[Item]
+
+    @property
+    def id(self) -> str:
+        return self.meeting.id
+
+    @property
+    def transcript(self) -> str:
+        return transcript(self.turns)
+
+
+def _rng(seed: int, split: str, index: int, purpose: str) -> random.Random:
+    return random.Random(f"{seed}/{split}/{index}/{purpose}")
+
+
+def plan_meeting(seed: int, split: str, index: int, instructions: int) -> PlannedMeeting:
+    if split not in (*SPLITS, TEXT_SPLIT):
+        raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, TEXT_SPLIT)}")
+    style = "shifted" if split == "test_shifted" else "train"
+    meeting = sample_meeting(_rng(seed, split, index, "record"), f"{split}-{index:05d}")
+    turns = render_dialogue(meeting, style, _rng(seed, split, index, "dialogue"))
+    task_rng = _rng(seed, split, index, "tasks")
+    items = [Item(task, instruction(meeting, task, style, task_rng), reference(meeting, task))
+             for task in sample_tasks(meeting, task_rng, instructions)]
+    return PlannedMeeting(split, index, style, meeting, turns, items)
+
+
+def plan_corpus(seed: int, sizes: Sizes) -> dict[str, list[PlannedMeeting]]:
+    """Records, dialogue, instructions and references of every split (no audio)."""
+    return {split: [plan_meeting(seed, split, i, sizes.instructions) for i in range(getattr(sizes, split))]
+            for split in SPLITS}
+
+
+def text_items(seed: int, meetings: int, instructions: int) -> list[tuple[str, str, str]]:
+    """(transcript, instruction, reference) of `meetings` text-only meetings (split "text": ids,
+    hence records, disjoint from every audio split): cheap training text for the text models."""
+    items = []
+    for index in range(meetings):
+        planned = plan_meeting(seed, TEXT_SPLIT, index, instructions)
+        items += [(planned.transcript, item.instruction, item.reference) for item in planned.items]
+    return items
+
+
+def judge_source(planned: PlannedMeeting, item: Item) -> str:
+    return json.dumps({"meeting": planned.meeting.to_dict(), "task": item.task.to_dict()}, sort_keys=True)
+
+
+def manifest_rows(planned: PlannedMeeting, duration: float, segments: list[tuple[float, float]]) -> dict[str, list[dict]]:
+    """The manifest rows of one meeting, by manifest name (module docstring)."""
+    audio = f"audio/{planned.id}.wav"
+    rows = []
+    for j, item in enumerate(planned.items):
+        task_spec = spec(item.task)
+        row = {"audio_filepath": audio, "duration": round(duration, 4), "id": f"{planned.id}/q{j}", "lang": "en",
+               "transcript": planned.transcript, "instruction": item.instruction, "summary": item.reference,
+               "judge_source": judge_source(planned, item), "family": item.task.family,
+               "format": task_spec.format, "requested_length": None if task_spec.max_words is None else
+               {"unit": "words", "min": 0, "max": task_spec.max_words},
+               "meeting_id": planned.id, "split": planned.split}
+        rows.append(row)
+    if planned.split == "pretrain":
+        asr = [{"audio_filepath": audio, "offset": round(start, 4), "duration": round(end - start, 4),
+                "id": f"{planned.id}/t{k:02d}", "lang": "en", "transcript": turn.text,
+                "instruction": ASR_INSTRUCTION, "summary": turn.text, "meeting_id": planned.id, "split": "pretrain"}
+               for k, (turn, (start, end)) in enumerate(zip(planned.turns, segments))]
+        return {"pretrain": asr, "teacher": rows}
+    if planned.split not in WITH_REFERENCE:
+        rows = [{k: v for k, v in row.items() if k != "summary"} for row in rows]
+    return {planned.split: rows}
+
+
+def corpus_key(seed: int, sizes: Sizes) -> str:
+    blob = json.dumps({"seed": seed, "version": GENERATOR_VERSION, "sizes": asdict(sizes)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _write_atomic(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def _render_audio(planned: PlannedMeeting, folder: Path, seed: int) -> tuple[float, list[tuple[float, float]]]:
+    """Render (or reuse) one meeting's WAV; returns (duration, turn segments)."""
+    from .speech import assign_voices, render_speech, write_wav
+
+    wav, sidecar = folder / f"{planned.id}.wav", folder / f"{planned.id}.json"
+    if wav.exists() and sidecar.exists():
+        info = json.loads(sidecar.read_text())
+        return info["duration"], [tuple(s) for s in info["segments"]]
+    voices = assign_voices(planned.meeting.participants, planned.style,
+                           _rng(seed, planned.split, planned.index, "voices"))
+    speech = render_speech(planned.turns, voices, _rng(seed, planned.split, planned.index, "audio"))
+    _write_atomic(wav, lambda p: write_wav(p, speech.waveform))
+    info = {"duration": speech.waveform.shape[0] / 16000, "segments": speech.segments,
+            "voices": {name: asdict(v) for name, v in voices.items()}, "noise_snr_db": speech.noise_snr_db}
+    _write_atomic(sidecar, lambda p: p.write_text(json.dumps(info)))
+    return info["duration"], info["segments"]
+
+
+def link(root: Path, alias: str, folder: Path) -> None:
+    """Point `root/alias` (a relative symlink) at `folder`, atomically."""
+    temporary = root / f".{alias}.tmp{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    os.symlink(folder.name, temporary)
+    os.replace(temporary, root / alias)
+
+
+def build_corpus(seed: int = 0, sizes: Sizes = PRESETS["demo"], root: str | Path = "cache/toy", *,
+                 workers: int = 2, alias: str | None = None, log=print) -> Path:
+    """Build (or reuse) the corpus for (seed, sizes) under `root`; returns its folder. `alias`:
+    also point `root/alias` at it (the CLI uses the preset's name, so configs/toy/demo_*.toml
+    can name cache/toy/demo/sft.jsonl)."""
+    root = Path(root)
+    final = root / f"corpus-{corpus_key(seed, sizes)}"
+    if (final / "corpus.json").exists():
+        log(f"[toy corpus] reusing {final}")
+        if alias:
+            link(root, alias, final)
+        return final
+    from .speech import INSTALL_HINT, EspeakMissing, espeak_available
+
+    if not espeak_available():
+        raise EspeakMissing(INSTALL_HINT)
+    partial = final.with_name(final.name + ".partial")
+    audio = partial / "audio"
+    audio.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    plans = plan_corpus(seed, sizes)
+    manifests: dict[str, list[dict]] = {name: [] for name in MANIFESTS}
+    stats: dict[str, Any] = {"seed": seed, "generator_version": GENERATOR_VERSION, "sizes": asdict(sizes), "splits": {}}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for split, planned in plans.items():
+            results, total = [], len(planned)
+            for done, result in enumerate(pool.map(lambda p: _render_audio(p, audio, seed), planned), start=1):
+                results.append(result)
+                if done == total or done % max(1, total // 4) == 0:
+                    log(f"[toy corpus] {split}: {done}/{total} meetings ({time.perf_counter() - started:.0f} s)")
+            for plan, (duration, segments) in zip(planned, results):
+                for name, rows in manifest_rows(plan, duration, segments).items():
+                    manifests[name].extend(rows)
+            stats["splits"][split] = {"meetings": total, "audio_minutes": round(sum(d for d, _ in results) / 60, 2)}
+    for name, rows in manifests.items():
+        stats["splits"].setdefault(name, {})["rows"] = len(rows)
+        if name != "pretrain":
+            stats["splits"][name]["families"] = dict(sorted(Counter(r["family"] for r in rows).items()))
+        text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+        _write_atomic(partial / f"{name}.jsonl", lambda p, text=text: p.write_text(text))
+    stats["generation_seconds"] = round(time.perf_counter() - started, 1)
+    _write_atomic(partial / "corpus.json", lambda p: p.write_text(json.dumps(stats, indent=2) + "\n"))
+    if final.exists():  # a finished corpus without corpus.json cannot exist; a stale folder can
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    if alias:
+        link(root, alias, final)
+    log(f"[toy corpus] wrote {final} in {stats['generation_seconds']} s")
+    return final
+
+
+TRAINING_MANIFESTS = ("pretrain", "teacher", "sft", "kd", "dpo")
+
+
+def training_texts(corpus_dir: str | Path) -> list[str]:
+    """Every distinct transcript, instruction and reference of the training manifests, in file
+    order: the tokenizer's training text (the test splits are left out, so the shifted
+    phrasings stay unseen)."""
+    texts: dict[str, None] = {}
+    for name in TRAINING_MANIFESTS:
+        for line in (Path(corpus_dir) / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            for field_name in ("transcript", "instruction", "summary"):
+                if row.get(field_name):
+                    texts.setdefault(row[field_name])
+    return list(texts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate the toy spoken-meetings corpus (cached).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument("--root", default="cache/toy")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    from .speech import EspeakMissing
+
+    try:
+        folder = build_corpus(args.seed, PRESETS[args.preset], args.root, workers=args.workers,
+                              alias=args.preset if args.seed == 0 else f"{args.preset}-seed{args.seed}",
+                              log=lambda message: print(message, file=sys.stderr, flush=True))
+    except EspeakMissing as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

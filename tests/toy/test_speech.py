@@ -1,0 +1,91 @@
+"""espeak-ng audio of the toy world: deterministic bytes, 16 kHz, turn segments, the cached build.
+
+Needs espeak-ng on PATH (CI installs it); without it these tests skip, except the one that
+checks the error message a user sees.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+
+from data.audio import load_audio
+from data.manifest import read_manifest
+from data.toy import speech
+from data.toy.corpus import MANIFESTS, Sizes, build_corpus, plan_meeting, training_texts
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (apt-get install espeak-ng)")
+TINY = Sizes(pretrain=1, sft=1, kd=0, dpo=0, test_in=0, test_shifted=1, instructions=2)
+
+
+def render(split: str, index: int) -> speech.Speech:
+    planned = plan_meeting(0, split, index, 1)
+    voices = speech.assign_voices(planned.meeting.participants, planned.style, random.Random("voices"))
+    return speech.render_speech(planned.turns, voices, random.Random("audio"), noise_probability=1.0)
+
+
+def test_missing_espeak_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(speech.shutil, "which", lambda name: None)
+    with pytest.raises(speech.EspeakMissing, match="apt-get install espeak-ng"):
+        speech.espeak("hello", "en-us", 175, 50)
+    with pytest.raises(speech.EspeakMissing):
+        build_corpus(0, TINY, tmp_path / "toy", log=lambda message: None)
+    assert not (tmp_path / "toy").exists()  # checked before anything is written
+
+
+@needs_espeak
+def test_same_meeting_same_samples_and_segments_inside():
+    first, second = render("sft", 0), render("sft", 0)
+    assert np.array_equal(first.waveform, second.waveform) and first.segments == second.segments
+    seconds = first.waveform.shape[0] / 16000
+    assert 10 < seconds < 90 and first.noise_snr_db is not None
+    starts, ends = zip(*first.segments)
+    assert all(0 < s < e <= seconds for s, e in first.segments) and list(starts) == sorted(starts)
+    assert all(e <= s for e, s in zip(ends, starts[1:]))  # turns do not overlap
+
+
+@needs_espeak
+def test_build_is_deterministic_cached_and_readable(tmp_path):
+    messages = []
+    first = build_corpus(0, TINY, tmp_path / "a", workers=1, log=messages.append)
+    second = build_corpus(0, TINY, tmp_path / "b", workers=2, log=messages.append)
+    digest = lambda folder: {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "corpus.json"}
+    assert digest(first) == digest(second) and len(digest(first)) == 3 * 2 + len(MANIFESTS)
+    assert build_corpus(0, TINY, tmp_path / "a", alias="tiny", log=messages.append) == first
+    assert (tmp_path / "a" / "tiny").resolve() == first.resolve()
+    assert messages[-1] == f"[toy corpus] reusing {first}"
+    report = read_manifest([first / f"{name}.jsonl" for name in MANIFESTS])
+    assert not report.issues and len(report.entries) > 10
+    info = soundfile.info(str(first / "audio" / "sft-00000.wav"))
+    assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+    turn = next(e for e in report.entries if e.id == "pretrain-00000/t00")
+    clip = load_audio(turn.audio_path, offset=turn.offset, duration=turn.duration)
+    assert abs(clip.num_samples - round(turn.duration * 16000)) <= 1
+    texts = training_texts(first)
+    assert turn.transcript in texts and len(texts) == len(set(texts))
+    shifted = {e.transcript for e in report.entries if e.extra.get("split") == "test_shifted"}
+    assert shifted and not shifted & set(texts)
+
+
+@needs_espeak
+def test_pretrain_writes_loadable_student_and_teacher(tmp_path):
+    """Two steps of each pre-training phase on a three-meeting corpus: the checkpoints load with
+    the recipes' loaders, carry the tokenizer, and the teacher is wider than the student."""
+    from model import load_pretrained
+    from rollout.teachers import LocalTeacher
+
+    from data.toy.pretrain import Steps, build
+
+    corpus = build_corpus(0, TINY, tmp_path / "toy", workers=1, log=lambda message: None)
+    paths = build(corpus, tmp_path / "models", Steps(student_text=2, asr=2, teacher=2, batch_size=2),
+                  log=lambda message: None)
+    student, teacher = load_pretrained(paths["student"]), LocalTeacher.from_pretrained(paths["teacher"])
+    assert (paths["student"] / "tokenizer.model").is_file()
+    assert teacher.model.config.decoder.hidden_size > student.config.decoder.hidden_size
+    assert student.config.decoder.vocab_size == teacher.model.config.decoder.vocab_size == 512
