@@ -31,3 +31,13 @@ def reference_model(*, vocab: int, hidden: int, layers: int, heads: int, kv_head
     )
     torch.manual_seed(0)
     return transformers.Phi4MultimodalForCausalLM(config)
+
+
+def add_size_arguments(parser, *, vocab: int, batch: int) -> None:
+    """The decoder and batch sizes every decoder benchmark takes (the issues' default sizes)."""
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--batch", type=int, default=batch)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reference import reference_model  # noqa: E402
+from reference import add_size_arguments, reference_model  # noqa: E402
 
 from model import load_pretrained  # noqa: E402
 from rollout.recompute import greedy_by_recompute  # noqa: E402
@@ -54,12 +54,7 @@ def timed(fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=8)
+    add_size_arguments(parser, vocab=32000, batch=8)
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--recompute-prompts", type=int, default=2)

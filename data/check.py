@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .manifest import TEXT_FIELDS, DataError, Issue, ManifestEntry, read_manifest
+from .manifest import TEXT_FIELDS, DataError, Issue, IssueSplit, ManifestEntry, read_manifest
 
 TASK_FIELDS = {"any": (), "sft": ("instruction", "summary"), "prompt": ("instruction",), "synth": ("transcript",)}
 HISTOGRAM_BINS = ((10, "< 10 s"), (60, "10 s - 1 min"), (300, "1 - 5 min"), (600, "5 - 10 min"),
@@ -39,20 +39,12 @@ HISTOGRAM_BINS = ((10, "< 10 s"), (60, "10 s - 1 min"), (300, "1 - 5 min"), (600
 
 
 @dataclass
-class CheckResult:
+class CheckResult(IssueSplit):
     paths: list[str]
     lines: int
     issues: list[Issue]  # errors and warnings, in file and line order
     entries: list[ManifestEntry]  # lines without any error
     formats: Counter = field(default_factory=Counter)  # "WAV PCM_16, 16000 Hz, 1 ch" -> entries
-
-    @property
-    def errors(self) -> list[Issue]:
-        return [issue for issue in self.issues if issue.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Issue]:
-        return [issue for issue in self.issues if issue.severity == "warning"]
 
     def summary(self) -> dict[str, Any]:
         durations = [entry.duration for entry in self.entries]

@@ -117,13 +117,10 @@ class ManifestEntry:
         return row
 
 
-@dataclass
-class ManifestReport:
-    """What `read_manifest` found: the usable entries, and every error and warning."""
+class IssueSplit:
+    """`issues` split by severity (for classes that hold an `issues` list)."""
 
-    entries: list[ManifestEntry]
     issues: list[Issue]
-    lines: int = 0  # non-blank lines read
 
     @property
     def errors(self) -> list[Issue]:
@@ -132,6 +129,15 @@ class ManifestReport:
     @property
     def warnings(self) -> list[Issue]:
         return [issue for issue in self.issues if issue.severity == "warning"]
+
+
+@dataclass
+class ManifestReport(IssueSplit):
+    """What `read_manifest` found: the usable entries, and every error and warning."""
+
+    entries: list[ManifestEntry]
+    issues: list[Issue]
+    lines: int = 0  # non-blank lines read
 
 
 def read_manifest(
