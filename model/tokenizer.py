@@ -47,7 +47,7 @@ import io
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 # In the order of the real ids; train_sentencepiece gives the toy ids in the same order.
 SPECIAL_TOKENS: dict[str, str] = {
@@ -104,12 +104,11 @@ class Tokenizer(Protocol):
 
 
 class _ChatTemplate:
-    """The Phi-4MM template on top of `encode` and `special_ids`; shared by both tokenizers."""
+    """The Phi-4MM template on top of `encode` and `special_ids`, which each tokenizer defines;
+    shared by both tokenizers."""
 
     special_ids: dict[str, int]
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+    encode: Callable[[str], list[int]]
 
     @property
     def audio_token_id(self) -> int:
