@@ -8,7 +8,9 @@ own checkpoints, side by side, plus judge-free diagnostics.
     results = evaluate({"sft": "runs/sft"}, {"golden3": "jsonl:data/golden3.jsonl"}, judge, "runs/eval")
     print(results.table())
 
-Checkpoints are `[NAME=]DIR` (default name: the directory's name), benchmarks `[NAME=]SPEC`
+Checkpoints are `[NAME=]DIR` (default name: the directory's name) or `[NAME=]text:DIR`: the
+model reads the transcript through the teacher's prompt instead of hearing the audio (the
+paper's "Text" rows; the text teacher as the ceiling). Benchmarks are `[NAME=]SPEC`
 (eval/benchmarks.py; default name: the manifest's stem, "ami", "floras"). `--judge`:
 `openai:MODEL` (eval.judge.OpenAIJudge over `--judge-base-url`, key from the environment
 variable `--judge-api-key-env`, its response cache in OUT/judge_cache), `oracle` (the toy
@@ -82,6 +84,9 @@ WINDOW_BATCHES = 16  # items read ahead = batch_size * WINDOW_BATCHES (sorted by
 JUDGE_CHUNK = 16  # judgements saved after every chunk
 _FINGERPRINT_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "*.model")
 _IDENTITY_DROPPED = ("cache_dir", "max_concurrency", "timeout_s", "retry", "api_key_env", "base_url")
+
+
+TEXT_MODE = "text:"  # a checkpoint given as text:DIR reads the transcript (the paper's "Text" rows, the teacher)
 
 
 class EvalError(ValueError):
@@ -215,8 +220,10 @@ def _score_all(judge, triples: list[tuple[str, str, str]]):
 class CheckpointDecoder:
     """Greedy decoding of benchmark items with one checkpoint, loaded on first use."""
 
-    def __init__(self, directory: Path, *, max_new_tokens: int, device: str | torch.device, dtype=None):
+    def __init__(self, directory: Path, *, max_new_tokens: int, device: str | torch.device, dtype=None,
+                 text_mode: bool = False):
         self.directory = directory
+        self.text_mode = text_mode  # read the transcript instead of hearing the audio (teacher prompt)
         self.max_new_tokens = max_new_tokens
         self.device = torch.device(device)
         self.dtype = dtype
@@ -226,6 +233,9 @@ class CheckpointDecoder:
         self.loads = 0
 
     def key(self, item: BenchmarkItem) -> str:
+        if self.text_mode:
+            return _digest({"checkpoint": self.fingerprint, "max_new_tokens": self.max_new_tokens, "mode": "text",
+                            "instruction": item.instruction, "transcript": item.transcript})
         return _digest({"checkpoint": self.fingerprint, "max_new_tokens": self.max_new_tokens,
                         "instruction": item.instruction, "audio": item.audio_key()})
 
@@ -235,11 +245,11 @@ class CheckpointDecoder:
 
         logger.info("loading %s", self.directory)
         model = load_pretrained(self.directory, dtype=self.dtype, device=self.device)
-        if model.config.encoder is None:
+        if model.config.encoder is None and not self.text_mode:
             raise EvalError(f"{self.directory}: this checkpoint has no speech encoder (config.encoder is None); "
                             "the benchmarks need a speech model")
         tokenizer = load_tokenizer(self.directory)
-        if tokenizer.audio_token_id != model.config.audio_token_id:
+        if not self.text_mode and tokenizer.audio_token_id != model.config.audio_token_id:
             raise EvalError(f"{self.directory}: the tokenizer's audio placeholder id {tokenizer.audio_token_id} is not "
                             f"the model's ({model.config.audio_token_id}); use the checkpoint's own tokenizer")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -254,11 +264,15 @@ class CheckpointDecoder:
     def decode(self, items: Sequence[BenchmarkItem]) -> list[dict[str, Any]]:
         """Greedy outputs of a batch: [{"output", "num_tokens", "hit_max_tokens"}] in item order."""
         from model.features import log_mel_batch, num_audio_tokens
-        from rollout.sampler import SamplingParams, generate
 
         if self.model is None:
             self._load()
         model, tokenizer = self.model, self.tokenizer
+        if self.text_mode:
+            from rollout.teachers import teacher_prompt_ids
+
+            prompts = [torch.tensor(teacher_prompt_ids(tokenizer, item.transcript, item.instruction)) for item in items]
+            return self._generate(prompts, None, None)
         waveforms = []
         for item in items:
             try:
@@ -269,6 +283,12 @@ class CheckpointDecoder:
         prompts = [torch.tensor(tokenizer.build_chat_prompt(item.instruction,
                                                             num_audio_tokens=[num_audio_tokens(len(w))]).input_ids)
                    for item, w in zip(items, waveforms)]
+        return self._generate(prompts, features.to(self.device), lengths.to(self.device))
+
+    def _generate(self, prompts, features, lengths) -> list[dict[str, Any]]:
+        from rollout.sampler import SamplingParams, generate
+
+        model, tokenizer = self.model, self.tokenizer
         limit = model.config.decoder.max_position_embeddings
         longest = max(len(p) for p in prompts)
         if longest + self.max_new_tokens > limit:
@@ -276,10 +296,9 @@ class CheckpointDecoder:
                             f"of {self.directory} ({limit} positions); lower --max-new-tokens or shorten the audio")
         eos = tuple(model.config.decoder.eos_token_ids)
         params = SamplingParams(self.max_new_tokens, temperature=0.0, eos_token_ids=eos, seed=0)
-        rollout = generate(model, prompts, params, audio_features=features.to(self.device),
-                           audio_lengths=lengths.to(self.device))
+        rollout = generate(model, prompts, params, audio_features=features, audio_lengths=lengths)
         results = []
-        for row in range(len(items)):
+        for row in range(len(prompts)):
             ids = rollout.tokens[row, : int(rollout.lengths[row])].tolist()
             ended = next((i for i, token in enumerate(ids) if token in eos), None)
             kept = ids if ended is None else ids[:ended]
@@ -385,8 +404,10 @@ def evaluate(
         raise EvalError("evaluate needs at least one checkpoint and one benchmark")
     out = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for name, directory in checkpoints.items():
+    checkpoints = {name: str(target) for name, target in checkpoints.items()}
+    for name, target in checkpoints.items():
         _check_name(name, "checkpoint")
+        directory = target.removeprefix(TEXT_MODE)
         if not Path(directory, "config.json").is_file():
             raise EvalError(f"checkpoint {name!r}: {directory} has no config.json; pass a checkpoint directory")
     loaded = {}
@@ -397,7 +418,8 @@ def evaluate(
     judge_key = None if identity is None else _digest(identity)
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for ckpt_name, directory in checkpoints.items():
-        decoder = CheckpointDecoder(Path(directory), max_new_tokens=max_new_tokens, device=device, dtype=dtype)
+        decoder = CheckpointDecoder(Path(directory.removeprefix(TEXT_MODE)), max_new_tokens=max_new_tokens,
+                                    device=device, dtype=dtype, text_mode=directory.startswith(TEXT_MODE))
         try:
             for bench_name, benchmark in loaded.items():
                 samples = _run_pair(ckpt_name, bench_name, benchmark, decoder, judge, judge_key, out, batch_size)
@@ -505,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.run", description="Judge scores of checkpoints on "
                                      "benchmarks (the paper's Table 1) with bootstrap intervals and judge-free "
                                      "diagnostics; rerun with the same --out to resume.")
-    parser.add_argument("--checkpoint", nargs="+", action="extend", required=True, metavar="[NAME=]DIR")
+    parser.add_argument("--checkpoint", nargs="+", action="extend", required=True, metavar="[NAME=][text:]DIR")
     parser.add_argument("--benchmark", nargs="+", action="extend", required=True, metavar="[NAME=]SPEC",
                         help="jsonl:PATH, ami:DIR[?instructions=PATH&meetings=...], floras:PATH[?min_seconds=...]")
     parser.add_argument("--judge", required=True, help="openai:MODEL, oracle or none")
@@ -529,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rollout.api_client import ApiError
 
     try:
-        checkpoints = _named(args.checkpoint, "checkpoint", lambda d: Path(d).resolve().name)
+        checkpoints = _named(args.checkpoint, "checkpoint", lambda d: Path(d.removeprefix(TEXT_MODE)).resolve().name)
         benchmarks = _named(args.benchmark, "benchmark", _benchmark_default_name)
         judge = make_judge(args.judge, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env,
                            cache_dir=Path(args.out) / "judge_cache", max_concurrency=args.judge_concurrency)

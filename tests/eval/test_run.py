@@ -289,3 +289,26 @@ def test_plot_or_a_note(tmp_path, caplog):
         assert "matplotlib is not installed: skipped the plot" in caplog.text
     else:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_text_mode_checkpoint_reads_the_transcript(world, tmp_path):
+    """`text:DIR`: the model gets the teacher's prompt (transcript + instruction), no audio;
+    its outputs equal a direct greedy generate from that prompt, and the decode cache keys on
+    the transcript, not the audio."""
+    from rollout.teachers import teacher_prompt_ids
+
+    root, checkpoints, bench = world
+    results = evaluate({"text_b": f"text:{checkpoints['ckpt_b']}"}, {"mini": f"jsonl:{bench}?limit=2"}, None,
+                       tmp_path, max_new_tokens=MAX_NEW_TOKENS, batch_size=2, device="cpu", with_plot=False)
+    assert results.to_json()["text_b"]["mini"]["n_items"] == 2
+    model = load_pretrained(checkpoints["ckpt_b"]).eval()
+    tokenizer = load_tokenizer(checkpoints["ckpt_b"])
+    items = {item["id"]: item for item in ITEMS}
+    for sample in read_jsonl(tmp_path / "samples" / "text_b" / "mini.jsonl"):
+        item = items[sample["id"]]
+        prompt = teacher_prompt_ids(tokenizer, item["transcript"], item["instruction"])
+        rollout = generate(model, [torch.tensor(prompt)],
+                           SamplingParams(MAX_NEW_TOKENS, temperature=0, eos_token_ids=tokenizer.eos_token_ids))
+        ids = rollout.tokens[0, : int(rollout.lengths[0])].tolist()
+        ended = next((i for i, t in enumerate(ids) if t in tokenizer.eos_token_ids), None)
+        assert sample["output"] == tokenizer.decode(ids[:ended], skip_special=True).strip()
