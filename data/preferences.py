@@ -137,6 +137,13 @@ def pair_row(entry: ManifestEntry, chosen: Sample, rejected: Sample, winner: str
     return row
 
 
+def judge_source(entry: ManifestEntry) -> str:
+    """What the judge reads: the row's `judge_source` (the toy world's meeting record, for its
+    oracle) when it has one, else the transcript (paper section 2.3)."""
+    source = entry.extra.get("judge_source")
+    return source if isinstance(source, str) and source else entry.transcript
+
+
 def run(manifests: Sequence[str | Path], out: str | Path, model, tokenizer, judge, config: SamplingConfig, *,
         policy: DurationPolicy = DurationPolicy(), strict: bool = False,
         log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -177,7 +184,7 @@ def run(manifests: Sequence[str | Path], out: str | Path, model, tokenizer, judg
                                 num_samples=2, seed=seed)
         samples = sample_two(model, tokenizer, rows, params)
         judged = [i for i, (a, b) in enumerate(samples) if a.text != b.text]
-        preferences = judge.prefer_many([(rows[i].transcript, rows[i].instruction, samples[i][0].text,
+        preferences = judge.prefer_many([(judge_source(by_id[rows[i].id]), rows[i].instruction, samples[i][0].text,
                                           samples[i][1].text) for i in judged])
         verdicts = dict(zip(judged, preferences))
         pairs, dropped = [], []
@@ -263,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data.preferences", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="the student (KD checkpoint) directory")
     parser.add_argument("--manifest", nargs="+", required=True, help="manifests with instruction and transcript")
-    parser.add_argument("--judge", required=True, help="the judge's model name, e.g. gpt-4.1")
+    parser.add_argument("--judge", required=True,
+                        help="the judge's model name, e.g. gpt-4.1, or 'oracle' (the toy world's judge)")
     parser.add_argument("--out", required=True, help="pairs file (JSON lines), appended to and resumed")
     add_client_arguments(parser)
     parser.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
@@ -288,7 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), device=device)
         tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
-        judge = OpenAIJudge(args.base_url, args.judge, **client_options(args, f"{args.out}.cache"))
+        if args.judge == "oracle":  # the toy world's judge: scores from each row's judge_source record
+            from eval.oracle import OracleJudge
+
+            judge = OracleJudge()
+        else:
+            judge = OpenAIJudge(args.base_url, args.judge, **client_options(args, f"{args.out}.cache"))
         config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
         run(args.manifest, args.out, model, tokenizer, judge, config, strict=args.strict,

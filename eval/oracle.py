@@ -56,7 +56,7 @@ from functools import lru_cache
 
 from data.toy.tasks import Spec, Task, facts, spec
 from data.toy.world import ENTITY_POOLS, Meeting
-from eval.judge import JudgeScore
+from eval.judge import JudgeScore, Preference
 
 BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+")
 GREETING = re.compile(r"^\s*(hi|hello|dear|hey|good morning|good afternoon)\b", re.IGNORECASE)
@@ -209,3 +209,15 @@ class OracleJudge:
         score_a = self.score(source, instruction, a).overall
         score_b = self.score(source, instruction, b).overall
         return "tie" if score_a == score_b else ("a" if score_a > score_b else "b")
+
+    def prefer_many(self, items) -> list[Preference]:
+        """`OpenAIJudge.prefer_many`'s form for data.preferences: the oracle has no position bias,
+        so both orders give the same verdict (ties stay ties)."""
+        out = []
+        for source, instruction, a, b in items:
+            score_a = self.score(source, instruction, a).overall
+            score_b = self.score(source, instruction, b).overall
+            verdict = "tie" if score_a == score_b else ("a" if score_a > score_b else "b")
+            why = f"oracle score a {score_a:.2f}, b {score_b:.2f}"
+            out.append(Preference(verdict, verdict, verdict, (why, why)))
+        return out

@@ -194,3 +194,25 @@ def test_sigkill_mid_run_then_resume_re_requests_nothing_already_answered(world,
     reference = sorted((strip(json.loads(line)) for line in (tmp_path / "ref.jsonl").read_text().splitlines()),
                        key=lambda r: r["id"])
     assert resumed_rows == reference
+
+
+def test_the_judge_reads_judge_source_when_a_row_has_one(world, tmp_path):
+    """Rows with `judge_source` (the toy world's record, for its oracle) are judged against it;
+    rows without it against their transcript."""
+    from eval.judge import Preference
+
+    manifest, checkpoint, tok = world
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows = [dict(row, audio_filepath=str(manifest.parent / row["audio_filepath"])) for row in rows
+            if "instruction" in row][:3]
+    rows[0]["judge_source"] = '{"record": 0}'
+    seen = []
+
+    class RecordingJudge:
+        def prefer_many(self, items):
+            seen.extend(source for source, *_ in items)
+            return [Preference("tie", "tie", "tie", ("", "")) for _ in items]
+
+    sampled = write_manifest(tmp_path / "in.jsonl", rows)
+    preferences.run([sampled], tmp_path / "pairs.jsonl", load_pretrained(checkpoint), tok, RecordingJudge(), CONFIG)
+    assert seen == ['{"record": 0}', rows[1]["transcript"], rows[2]["transcript"]]  # sampled pairs all differ

@@ -139,3 +139,16 @@ def test_prefer_is_the_score_order_and_ties_are_ties():
 def test_source_that_is_not_the_toy_world_is_a_clear_error():
     with pytest.raises(ValueError, match="judge_source"):
         judge.score("Alice: hello everyone ...", "Summarize.", "A summary.")
+
+
+def test_prefer_many_matches_prefer_in_both_orders():
+    """The oracle's batch form for data.preferences: the same verdict as `prefer`, identical in
+    both orders (no position bias), ties kept as ties."""
+    judge = OracleJudge()
+    task = Task("brief")
+    good = reference(MEETING, task)
+    bad = (good + " ") * 3
+    items = [(source(task), "", good, bad), (source(task), "", bad, good), (source(task), "", good, good)]
+    verdicts = judge.prefer_many(items)
+    assert [v.winner for v in verdicts] == [judge.prefer(*item) for item in items] == ["a", "b", "tie"]
+    assert all(v.first == v.second == v.winner for v in verdicts)
