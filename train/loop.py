@@ -77,7 +77,7 @@ class BatchSource(Protocol):
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A loss of NaN or inf: the run stops on every rank (see report_nonfinite)."""
 
 
 class Prefetcher:

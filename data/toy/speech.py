@@ -40,7 +40,7 @@ INSTALL_HINT = (
 
 
 class EspeakMissing(RuntimeError):
-    pass
+    """espeak-ng is not installed; the message says how to install it."""
 
 
 def espeak_available() -> bool:
