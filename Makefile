@@ -13,7 +13,7 @@ $(STAMP): setup.py constraints/test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints/test.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints/test.txt -e ".[dev,phi4mm]"
+	$(PY) -m pip install --quiet -c constraints/test.txt -e ".[dev,phi4mm,demo]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -26,5 +26,6 @@ setup(
         "dev": ["pytest", "transformers>=5.0", "peft"],
         "phi4mm": ["tokenizers"],
         "audio": ["torchaudio"],
+        "demo": ["matplotlib"],  # the plots of eval.run and make demo (skipped with a note without it)
     },
 )

@@ -117,6 +117,11 @@ class SpeechLMConfig:
     audio_token_id: int = 200011
     speech_lora_rank: int = 0  # rank/alpha of the checkpoint's own speech LoRA (original layout)
     speech_lora_alpha: float = 0.0
+    # Not in Phi-4MM: standardise each clip's projected audio over its own tokens (subtract the
+    # time mean, divide by the RMS; model/projector.py `standardize_clips`). The toy world
+    # (data/toy/pretrain.py) aligns a tiny encoder from scratch on CPU, where without it the
+    # projector output collapses to one constant vector; real checkpoints leave it False.
+    standardize_audio_embeddings: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import SpeechLMConfig
 from .decoder import Phi4MiniDecoder
+from .projector import standardize_clips
 
 
 class SpeechLM(nn.Module):
@@ -54,8 +55,10 @@ class SpeechLM(nn.Module):
             encoded, token_counts = self.encoder(
                 audio_features[first].to(embeds.dtype), lengths, mask_padding=self.config.encoder.mask_padding
             )  # (U, T', D_enc), (U,)
-        audio_embeds = self.projector(encoded.to(self.projector.up_proj.weight.dtype))[copy_of]  # (N, T', hidden)
-        token_counts = token_counts[copy_of]  # (N,)
+        audio_embeds = self.projector(encoded.to(self.projector.up_proj.weight.dtype))  # (U, T', hidden)
+        if self.config.standardize_audio_embeddings:
+            audio_embeds = standardize_clips(audio_embeds, token_counts)
+        audio_embeds, token_counts = audio_embeds[copy_of], token_counts[copy_of]  # (N, T', hidden), (N,)
         clip_tokens = torch.cat([audio_embeds[i, :n] for i, n in enumerate(token_counts.tolist())])  # (sum n, hidden)
         num_placeholders = int(placeholder.sum())
         if num_placeholders != clip_tokens.shape[0]:

@@ -75,7 +75,7 @@ class RunSection:
 class KDSection:
     teacher: str = ""  # "local:DIR" or "openai:MODEL"
     base_url: str = ""
-    api_key_env: str = "OPENAI_API_KEY"  # the variable's name, never its value
+    api_key_env: str = "OPENAI_API_KEY"  # the variable's name, never its value; "" for a server without auth
     top_k: int = 20
     divergence: str = "forward"  # "forward", "reverse" or "jsd"
     beta: float = 0.5  # generalized JSD mixture weight (divergence = "jsd")

@@ -24,9 +24,12 @@ def make_teacher(config, model, tokenizer):
     if kind == "openai" and target:
         if not config.kd.base_url:
             raise ConfigError("[kd] base_url: needed for an openai: teacher (e.g. http://127.0.0.1:8000/v1)")
-        return OpenAICompatibleTeacher(config.kd.base_url, target, config.kd.top_k, tokenizer=tokenizer,
-                                       api_key_env=config.kd.api_key_env,
-                                       cache_dir=f"{config.run.out_dir}/teacher_cache")
+        try:
+            return OpenAICompatibleTeacher(config.kd.base_url, target, config.kd.top_k, tokenizer=tokenizer,
+                                           api_key_env=config.kd.api_key_env or None,
+                                           cache_dir=f"{config.run.out_dir}/teacher_cache")
+        except ValueError as error:  # the key's variable unset, a bad URL: say it as a config problem
+            raise ConfigError(f"[kd] teacher {config.kd.teacher!r}: {error}") from None
     raise ConfigError(f"[kd] teacher: expected 'local:DIR' or 'openai:MODEL', got {config.kd.teacher!r}")
 
 

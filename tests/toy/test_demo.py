@@ -1,0 +1,48 @@
+"""`python -m data.toy.demo --quick`: the whole pipeline (corpus, SFT, KD local and through
+rollout.server's top-20 API, KD with the weak teacher, oracle preferences, DPO, eval.run on both
+test splits, the report) runs end to end, and a rerun reuses every finished stage.
+
+Quick mode checks the plumbing, not the paper's claims (few steps on a small corpus); the
+claims are `make demo`'s report. Needs espeak-ng (CI installs it); skipped without it.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("sft", "kd", "kd_top20", "kd_weak", "pairs", "dpo", "pairs_sft", "dpo_sft", "eval")
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)")
+def test_quick_demo_end_to_end_and_rerun(tmp_path):
+    work, out = tmp_path / "runs", tmp_path / "results"
+    command = [sys.executable, "-m", "data.toy.demo", "--quick", "--work", str(work), "--out", str(out),
+               "--corpus-root", str(tmp_path / "corpus")]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in STAGES:
+        assert (work / stage / "DONE").exists(), stage
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["quick"] is True
+    cells = results["cells"]
+    for name in ("teacher_text", "student_text", "pretrain", "sft", "sft_kd", "sft_kd_weak", "sft_kd_top20"):
+        for split in ("test_in", "test_shifted"):
+            cell = cells[name][split]
+            assert cell["n_items"] == 12 and cell["n"] == 12, (name, split, cell)  # quick preset: 6 meetings x 2
+            assert 1.0 <= cell["mean"] <= 7.0
+    for name, folder in (("sft_kd_dpo", "dpo"), ("sft_dpo", "dpo_sft")):  # trained, or skipped for want of pairs
+        assert (work / folder / "merged" / "config.json").exists() != (work / folder / "skipped.txt").exists()
+        assert (name in cells) == (work / folder / "merged" / "config.json").exists()
+    assert len(results["claims"]) == 10 and all(c["verdict"] for c in results["claims"])
+    report = (out / "REPORT.md").read_text()
+    assert "Quick mode" in report and "## Table 1: stages" in report and "## The paper's claims, checked" in report
+
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for stage in STAGES:
+        assert f"[demo] {stage}: done before, reused" in second.stdout
