@@ -21,21 +21,19 @@ test: $(STAMP)
 
 TOY_PRESET ?= demo
 
+DEMO_ARGS ?=
+
+# The whole method on the toy world (data/toy/demo.py): results/toy/REPORT.md, results.json, results.png.
 demo: $(STAMP)
 	@command -v espeak-ng >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq espeak-ng; } \
 	  || { echo "make demo needs espeak-ng: apt-get install espeak-ng (or brew install espeak-ng)"; exit 2; }
-	@echo "make demo will synthesize a spoken-meetings corpus (espeak-ng), then run SFT -> on-policy KD -> DPO"
-	@echo "on CPU with the same entry points as the A100 recipes, and write results/toy/REPORT.md."
-	@echo "Not available yet: the toy pre-training stage does not reach a usable speech alignment on CPU and the"
-	@echo "orchestration (data/toy/demo.py) has not landed. What runs today: make toy-corpus, make pretrain-toy,"
-	@echo "then python -m train.sft|kd|dpo --config configs/toy/demo_*.toml and python -m eval.run --judge oracle."
-	@exit 2
+	$(PY) -m data.toy.demo $(DEMO_ARGS)
 
 toy-corpus: $(STAMP)
 	$(PY) -m data.toy.corpus --preset $(TOY_PRESET)
 
 pretrain-toy: toy-corpus
-	$(PY) -m data.toy.pretrain --corpus cache/toy/$(TOY_PRESET) --out cache/toy/models
+	$(PY) -m data.toy.pretrain --corpus cache/toy/$(TOY_PRESET) --out data/toy/checkpoints
 
 BENCHES := decoder features long_audio sampler train_step kd_loss
 

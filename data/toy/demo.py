@@ -200,17 +200,26 @@ class DemoError(RuntimeError):
 
 
 def prepare_models(corpus: Path, work: Path, mode: Mode, pretrain: bool, python: str) -> Path:
-    """The shipped pre-training-stage checkpoints, when they fit this corpus; otherwise (or with
-    --pretrain) build them with data/toy/pretrain.py (long on the demo preset: see its docstring)."""
+    """The shipped pre-training-stage checkpoints, or (with --pretrain, or when none are shipped)
+    checkpoints built here by data/toy/pretrain.py (--quick: a few steps; otherwise about 40
+    minutes on 2 cores). The shipped ones were made from the demo corpus; the demo run checks that
+    its corpus is that one (same cache key), the quick run reuses them on its smaller corpus of
+    the same world (same tokenizer coverage, same voices)."""
     provenance = SHIPPED / "pretrain.json"
     if not pretrain and provenance.exists():
+        made_from = json.loads(provenance.read_text()).get("corpus_key")
+        if not mode.quick and made_from != corpus.name:
+            raise DemoError(f"the checkpoints in {SHIPPED} were pre-trained on the corpus {made_from}, but this run's "
+                            f"corpus is {corpus.name} (the generator changed?); rebuild them with `make pretrain-toy` "
+                            f"or pass --pretrain")
         return SHIPPED
     target = work / "models"
     if (target / "DONE").exists():
         return target
     print(f"[demo] models: building with data.toy.pretrain{' --quick' if mode.quick else ''} "
           f"(no shipped checkpoints in {SHIPPED}, or --pretrain)", flush=True)
-    command = [python, "-m", "data.toy.pretrain", "--corpus", str(corpus), "--out", str(target)]
+    command = [python, "-m", "data.toy.pretrain", "--corpus", str(corpus), "--out", str(target),
+               "--feature-cache", str(work / "features")]
     if mode.quick:
         command.append("--quick")
     if subprocess.run(command, cwd=ROOT).returncode != 0:

@@ -1,6 +1,6 @@
 """The toy world's starting checkpoints: tokenizer, the student at its pre-training stage, the text teacher.
 
-    python -m data.toy.pretrain --corpus cache/toy/corpus-<key> --out cache/toy/models [--quick]
+    python -m data.toy.pretrain --corpus cache/toy/demo --out data/toy/checkpoints [--quick]   # make pretrain-toy
 
 The paper starts from Phi-4MM's *pre-training stage*: a text decoder (Phi-4-mini, instruction
 tuned) whose speech encoder and projector were aligned to it by large-scale ASR; its KD teacher
@@ -29,8 +29,12 @@ Two choices make the from-scratch alignment work on a CPU budget (measured on th
 The student ends with a held-out check: word error of greedy transcripts of the last two
 pre-training meetings' turns, which it never trains on (printed and written to pretrain.json).
 
-Checkpoints are written with model.save_pretrained plus tokenizer.model, the layout the
-recipes read (`model.checkpoint`, `kd.teacher = "local:DIR"`). A step log goes to stderr.
+Checkpoints are written with model.save_pretrained plus tokenizer.model (OUT/student,
+OUT/teacher; the tokenizer also as OUT/tokenizer.model), and OUT/pretrain.json records the
+corpus they came from (its cache key), the steps, the final losses and the ASR check. `make
+pretrain-toy` writes the copies the project ships in data/toy/checkpoints/ (about 40 minutes on
+2 CPU cores, teacher and student in parallel with --only); `make demo` starts from them. The
+layout is the one the recipes read (`model.checkpoint`, `kd.teacher = "local:DIR"`). A step log goes to stderr.
 Plain AdamW loops over random batches (seeded); this stage is the toy's substitute for a
 pre-trained model, not part of the paper's method, so it does not go through train/.
 """
@@ -186,12 +190,13 @@ def build_teacher(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
     return loss
 
 
-def build_student(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, log) -> dict:
+def build_student(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, log,
+                  feature_cache: str = "cache/toy/features") -> dict:
     torch.manual_seed(seed + 1)
     student = SpeechLM(student_config(tokenizer))
     texts = text_examples(tokenizer, corpus, ("teacher",), steps.text_meetings)
     asr = ManifestDataset.from_manifests([corpus / "pretrain.jsonl"], tokenizer, task="sft",
-                                         feature_cache=str(out / "features"))
+                                         feature_cache=feature_cache)
     meetings = sorted({entry.extra.get("meeting_id", "") for entry in asr.entries})
     held_meetings = set(meetings[-HELD_OUT_MEETINGS:])
     held = [i for i, entry in enumerate(asr.entries) if entry.extra.get("meeting_id") in held_meetings]
@@ -218,15 +223,20 @@ def build_student(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
 
 
 def build(corpus: Path, out: Path, steps: Steps = Steps(), *, seed: int = 0, log=print,
-          which: tuple[str, ...] = ("teacher", "student")) -> dict[str, Path]:
+          which: tuple[str, ...] = ("teacher", "student"), feature_cache: str = "cache/toy/features") -> dict[str, Path]:
     """Tokenizer, student and teacher checkpoints under `out` (module docstring); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_sentencepiece(training_texts(corpus), out / "tokenizer" / "toy", vocab_size=VOCAB_SIZE)
-    summary = {"steps": dataclasses.asdict(steps), "seed": seed, "corpus": json.loads((corpus / "corpus.json").read_text())["sizes"]}
+    tokenizer = train_sentencepiece(training_texts(corpus), out / "tokenizer", vocab_size=VOCAB_SIZE)
+    summary = {"corpus_key": corpus.resolve().name, "corpus_sizes": json.loads((corpus / "corpus.json").read_text())["sizes"],
+               "steps": dataclasses.asdict(steps), "seed": seed}
     if "teacher" in which:
-        summary["teacher_loss"] = build_teacher(tokenizer, corpus, out, steps, seed, log)
+        started = time.perf_counter()
+        summary["teacher"] = {"loss": build_teacher(tokenizer, corpus, out, steps, seed, log),
+                              "seconds": round(time.perf_counter() - started)}
     if "student" in which:
-        summary["student"] = build_student(tokenizer, corpus, out, steps, seed, log)
+        started = time.perf_counter()
+        summary["student"] = build_student(tokenizer, corpus, out, steps, seed, log, feature_cache)
+        summary["student"]["seconds"] = round(time.perf_counter() - started)
     previous = out / "pretrain.json"
     merged = json.loads(previous.read_text()) if previous.exists() else {}
     merged.update(summary)
@@ -238,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the toy tokenizer, pre-training-stage student and text teacher.")
     parser.add_argument("--corpus", required=True, help="a folder written by python -m data.toy.corpus")
     parser.add_argument("--out", default="cache/toy/models")
+    parser.add_argument("--feature-cache", default="cache/toy/features", help="log-mel cache of the ASR clips")
     parser.add_argument("--quick", action="store_true", help="a few steps of each (smoke test)")
     parser.add_argument("--only", choices=("teacher", "student"), default=None, help="build one model (default both)")
     parser.add_argument("--seed", type=int, default=0)
@@ -254,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = dataclasses.replace(steps, **overrides)
     paths = build(Path(args.corpus), Path(args.out), steps, seed=args.seed,
                   log=lambda message: print(message, file=sys.stderr, flush=True),
-                  which=(args.only,) if args.only else ("teacher", "student"))
+                  which=(args.only,) if args.only else ("teacher", "student"), feature_cache=args.feature_cache)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
 
