@@ -34,3 +34,4 @@ teacher: hidden 256, 4 layers, text only), the pre-training stage is minutes of 
 instruction tuning instead of Phi-4MM's, the student standardises its projected audio per clip
 (model/projector.py, not in Phi-4MM), and the ablations of Table 3 start from the SFT
 checkpoint, not from the base model.
+"""

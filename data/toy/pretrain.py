@@ -198,9 +198,10 @@ def build_student(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
     asr = ManifestDataset.from_manifests([corpus / "pretrain.jsonl"], tokenizer, task="sft",
                                          feature_cache=feature_cache)
     meetings = sorted({entry.extra.get("meeting_id", "") for entry in asr.entries})
-    held_meetings = set(meetings[-HELD_OUT_MEETINGS:])
+    held_meetings = set(meetings[-HELD_OUT_MEETINGS:]) if len(meetings) > HELD_OUT_MEETINGS else set()
     held = [i for i, entry in enumerate(asr.entries) if entry.extra.get("meeting_id") in held_meetings]
     trained = sorted(set(range(len(asr.entries))) - set(held))
+    checked = held or trained  # a corpus too small to hold meetings out is checked on training turns
     rng = random.Random(seed + 2)
     clips = [asr.load([i]).audio_features[0] for i in rng.sample(trained, min(300, len(trained)))]
     mean, std = set_feature_statistics(student, clips)
@@ -216,8 +217,9 @@ def build_student(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
     loss = train(student, next_batch, steps.student, [{"params": decoder, "lr": steps.lr},
                                                       {"params": audio, "lr": steps.encoder_lr}],
                  "student (ASR + text)", log)
-    check = asr_check(student, asr, held[:32], tokenizer)
-    log(f"[toy pretrain] student ASR on {check['turns']} held-out turns: word error {check['word_error']:.2f}")
+    check = {**asr_check(student, asr, checked[:32], tokenizer), "held_out": bool(held)}
+    log(f"[toy pretrain] student ASR on {check['turns']} {'held-out' if held else 'training'} turns: "
+        f"word error {check['word_error']:.2f}")
     _save(student, tokenizer.path, out / "student")
     return {"loss": loss, "asr": check}
 

@@ -210,8 +210,9 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
         f"{pairs.get('pairs_sft', '-')} from the SFT student.",
     ]
     if asr:
+        which = "held-out" if asr.get("held_out", True) else "training (too few meetings to hold any out)"
         lines.append(f"Pre-training stage (data/toy/pretrain.py): the student's word error on "
-                     f"{asr.get('turns')} held-out turns is {asr.get('word_error', float('nan')):.2f}.")
+                     f"{asr.get('turns')} {which} turns is {asr.get('word_error', float('nan')):.2f}.")
     lines += ["", "## Table 1: stages", "", table(cells, TABLE1, notes), "",
               "## Table 3: teacher choice, DPO without KD, full vocabulary vs top-20", "", table(cells, TABLE3, notes), "",
               "## The paper's claims, checked", "", *(_claim_line(c) for c in checked), "",

@@ -6,6 +6,7 @@ checks the error message a user sees.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 
@@ -83,9 +84,14 @@ def test_pretrain_writes_loadable_student_and_teacher(tmp_path):
     from data.toy.pretrain import Steps, build
 
     corpus = build_corpus(0, TINY, tmp_path / "toy", workers=1, log=lambda message: None)
-    paths = build(corpus, tmp_path / "models", Steps(student_text=2, asr=2, teacher=2, batch_size=2),
-                  log=lambda message: None)
+    paths = build(corpus, tmp_path / "models", Steps(text_meetings=2, student=2, teacher=2, batch_size=2),
+                  log=lambda message: None, feature_cache=str(tmp_path / "features"))
     student, teacher = load_pretrained(paths["student"]), LocalTeacher.from_pretrained(paths["teacher"])
     assert (paths["student"] / "tokenizer.model").is_file()
     assert teacher.model.config.decoder.hidden_size > student.config.decoder.hidden_size
     assert student.config.decoder.vocab_size == teacher.model.config.decoder.vocab_size == 512
+    assert student.config.standardize_audio_embeddings and student.config.encoder.mask_padding
+    assert 10 < student.encoder.encoder_embedding.global_mean.mean() < 20  # toy log-mel statistics, not 0 / 1
+    provenance = json.loads((tmp_path / "models" / "pretrain.json").read_text())
+    assert provenance["corpus_key"] == corpus.name
+    assert 0.0 <= provenance["student"]["asr"]["word_error"] <= 1.0
