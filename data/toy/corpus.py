@@ -74,9 +74,9 @@ class Sizes:
     """Meetings per split and instructions per meeting."""
 
     pretrain: int = 200
-    sft: int = 160
-    kd: int = 80
-    dpo: int = 80
+    sft: int = 480  # 960 SFT rows: the held-out summary loss after 2 epochs was 0.384, 0.406 with 320 rows
+    kd: int = 160
+    dpo: int = 160
     test_in: int = 30
     test_shifted: int = 30
     instructions: int = 2

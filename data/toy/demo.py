@@ -199,6 +199,19 @@ class DemoError(RuntimeError):
     """A demo step that cannot go on; the message says which and what to do."""
 
 
+def check_provenance(made: dict, corpus: dict) -> None:
+    """The shipped checkpoints learned from the corpus's `pretrain` and `teacher` splits (and
+    text-only meetings) of one seed and generator version: a corpus that shares those is theirs,
+    whatever the sizes of its other splits (meetings are seeded per split and index)."""
+    ours = (corpus["seed"], corpus["generator_version"], corpus["sizes"]["pretrain"], corpus["sizes"]["instructions"])
+    theirs = (made.get("corpus_seed"), made.get("generator_version"), made.get("corpus_sizes", {}).get("pretrain"),
+              made.get("corpus_sizes", {}).get("instructions"))
+    if ours != theirs:
+        raise DemoError(f"the checkpoints in {SHIPPED} were pre-trained on (seed, generator version, pre-training "
+                        f"meetings, instructions per meeting) = {theirs}, this corpus has {ours}; rebuild them with "
+                        f"`make pretrain-toy` or pass --pretrain")
+
+
 def prepare_models(corpus: Path, work: Path, mode: Mode, pretrain: bool, python: str) -> Path:
     """The shipped pre-training-stage checkpoints, or (with --pretrain, or when none are shipped)
     checkpoints built here by data/toy/pretrain.py (--quick: a few steps; otherwise about 40
@@ -207,11 +220,8 @@ def prepare_models(corpus: Path, work: Path, mode: Mode, pretrain: bool, python:
     the same world (same tokenizer coverage, same voices)."""
     provenance = SHIPPED / "pretrain.json"
     if not pretrain and provenance.exists():
-        made_from = json.loads(provenance.read_text()).get("corpus_key")
-        if not mode.quick and made_from != corpus.name:
-            raise DemoError(f"the checkpoints in {SHIPPED} were pre-trained on the corpus {made_from}, but this run's "
-                            f"corpus is {corpus.name} (the generator changed?); rebuild them with `make pretrain-toy` "
-                            f"or pass --pretrain")
+        if not mode.quick:
+            check_provenance(json.loads(provenance.read_text()), json.loads((corpus / "corpus.json").read_text()))
         return SHIPPED
     target = work / "models"
     if (target / "DONE").exists():

@@ -229,7 +229,9 @@ def build(corpus: Path, out: Path, steps: Steps = Steps(), *, seed: int = 0, log
     """Tokenizer, student and teacher checkpoints under `out` (module docstring); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_sentencepiece(training_texts(corpus), out / "tokenizer", vocab_size=VOCAB_SIZE)
-    summary = {"corpus_key": corpus.resolve().name, "corpus_sizes": json.loads((corpus / "corpus.json").read_text())["sizes"],
+    info = json.loads((corpus / "corpus.json").read_text())
+    summary = {"corpus_key": corpus.resolve().name, "corpus_seed": info["seed"],
+               "generator_version": info["generator_version"], "corpus_sizes": info["sizes"],
                "steps": dataclasses.asdict(steps), "seed": seed}
     if "teacher" in which:
         started = time.perf_counter()

@@ -8,7 +8,9 @@ pairs files of the DPO stages and the stage wall times. Outputs:
 
   REPORT.md     Table 1 (stages, the text teacher as the ceiling) and Table 3 (teacher choice,
                 DPO without KD, full vocabulary vs top-20), each cell the oracle judge's mean
-                with its 95% bootstrap interval, plus repetition (eval/diagnostics.py: fraction
+                with its 95% bootstrap interval, plus fact recall (the oracle's R term,
+                `fact_scores`: it still moves where the clipped score is at its floor 1),
+                repetition (eval/diagnostics.py: fraction
                 of repeated word 4-grams) and hallucination rate (share of outputs naming an
                 entity not in the meeting, eval/oracle.py) per stage; then every claim of
                 PAPER.md checked against those numbers, with its verdict per split.
@@ -69,12 +71,13 @@ def table(cells: dict, names: tuple[str, ...], notes: dict[str, str] | None = No
     """Markdown rows of `names`: score with interval, repetition and hallucination per split;
     `notes` (name -> text) is appended to a row's label, e.g. why a stage was skipped."""
     notes = notes or {}
-    header = ["model", *(f"{s} score" for s in SPLITS), *(f"{s} repetition" for s in SPLITS),
-              *(f"{s} hallucination" for s in SPLITS)]
+    header = ["model", *(f"{s} score" for s in SPLITS), *(f"{s} fact recall" for s in SPLITS),
+              *(f"{s} repetition" for s in SPLITS), *(f"{s} hallucination" for s in SPLITS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
         label = LABELS.get(name, name) + (f" ({notes[name]})" if name in notes else "")
         row = [label, *(_score_text(_cell(cells, name, s)) for s in SPLITS),
+               *(_rate(_mean(cells, name, s, "fact_recall")) for s in SPLITS),
                *(_rate(_mean(cells, name, s, "repetition")) for s in SPLITS),
                *(_rate(_mean(cells, name, s, "hallucination_rate")) for s in SPLITS)]
         lines.append("| " + " | ".join(row) + " |")
@@ -119,6 +122,12 @@ def claims(cells: dict) -> list[dict[str, Any]]:
          "sft_kd_weak", "sft", lambda x, y: x < y, "mean"),
         ("KD and DPO are complementary: SFT+KD+DPO above SFT+DPO without KD (Table 3)",
          "sft_kd_dpo", "sft_dpo", greater, "mean"),
+        ("(fact recall, finer than the score at its floor) SFT+KD recalls more facts than SFT",
+         "sft_kd", "sft", greater, "fact_recall"),
+        ("(fact recall) SFT+KD+DPO recalls at least as many facts as SFT+KD", "sft_kd_dpo", "sft_kd", at_least,
+         "fact_recall"),
+        ("(fact recall) KD with the strong teacher recalls more than KD with the weak one", "sft_kd", "sft_kd_weak",
+         greater, "fact_recall"),
         ("full-vocabulary KD scores at least top-20 KD (no claim in the paper, whose GPT-4o teacher gives "
          "top-20 logprobs only; the design question of DESIGN.md)", "sft_kd", "sft_kd_top20", at_least, "mean"),
     ]
@@ -150,6 +159,32 @@ def _claim_line(claim: dict) -> str:
     return f"- **{_verdict(claim)}**: {claim['claim']}. " + "; ".join(parts) + "."
 
 
+def fact_scores(work: Path, corpus: Path, cells: dict) -> None:
+    """Add `fact_recall`, `fact_precision` and `at_floor` to every cell, in place: the oracle's
+    recall R and precision P terms (eval/oracle.py) of each output, re-derived from
+    WORK/eval/samples and the test manifests' `judge_source`, and the share of outputs whose
+    score is the floor 1.0. The overall score clips at 1, so at the floor it cannot tell a model
+    that gets a fifth of the facts from one that gets none; R and P can."""
+    from eval.oracle import OracleJudge
+
+    judge = OracleJudge()
+    for split in SPLITS:
+        manifest = corpus / f"{split}.jsonl"
+        if not manifest.exists():
+            continue
+        sources = {row["id"]: row["judge_source"] for row in map(json.loads, manifest.read_text(encoding="utf-8").splitlines())}
+        for name, by_split in cells.items():
+            samples = work / "eval" / "samples" / name / f"{split}.jsonl"
+            if split not in by_split or not samples.exists():
+                continue
+            rows = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines() if line.strip()]
+            details = [judge.details(sources[r["id"]], r["instruction"], r["output"]) for r in rows if r["id"] in sources]
+            if details:
+                by_split[split]["fact_recall"] = sum(d.recall for d in details) / len(details)
+                by_split[split]["fact_precision"] = sum(d.precision for d in details) / len(details)
+                by_split[split]["at_floor"] = sum(r.get("overall") == 1.0 for r in rows) / len(rows)
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
@@ -169,6 +204,7 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
                  quick: bool = False) -> Path:
     """Write OUT/REPORT.md, OUT/results.json and OUT/results.png (module docstring); returns REPORT.md."""
     cells = _read_json(work / "eval" / "results.json")
+    fact_scores(work, corpus, cells)
     corpus_info = _read_json(corpus / "corpus.json")
     pretrain_info = _read_json(models / "pretrain.json")
     checked = claims(cells)
@@ -213,7 +249,12 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
         which = "held-out" if asr.get("held_out", True) else "training (too few meetings to hold any out)"
         lines.append(f"Pre-training stage (data/toy/pretrain.py): the student's word error on "
                      f"{asr.get('turns')} {which} turns is {asr.get('word_error', float('nan')):.2f}.")
+    floors = [f"{name} " + " / ".join(_rate(_mean(cells, name, s, "at_floor")) for s in SPLITS)
+              for name in LABELS if name in cells]
     lines += ["", "## Table 1: stages", "", table(cells, TABLE1, notes), "",
+              "Share of outputs at the floor score 1.0 (test_in / test_shifted): " + ", ".join(floors) + ". "
+              "Fact recall is the oracle's R term (share of the asked facts mentioned), which still moves "
+              "where the clipped score sits at its floor.", "",
               "## Table 3: teacher choice, DPO without KD, full vocabulary vs top-20", "", table(cells, TABLE3, notes), "",
               "## The paper's claims, checked", "", *(_claim_line(c) for c in checked), "",
               "## Wall time (seconds, 2 CPU cores)", "",

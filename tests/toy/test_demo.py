@@ -38,7 +38,7 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path):
     for name, folder in (("sft_kd_dpo", "dpo"), ("sft_dpo", "dpo_sft")):  # trained, or skipped for want of pairs
         assert (work / folder / "merged" / "config.json").exists() != (work / folder / "skipped.txt").exists()
         assert (name in cells) == (work / folder / "merged" / "config.json").exists()
-    assert len(results["claims"]) == 10 and all(c["verdict"] for c in results["claims"])
+    assert len(results["claims"]) == 13 and all(c["verdict"] for c in results["claims"])
     report = (out / "REPORT.md").read_text()
     assert "Quick mode" in report and "## Table 1: stages" in report and "## The paper's claims, checked" in report
 
