@@ -47,11 +47,14 @@ def test_report_files(tmp_path):
     (work / "dpo_sft" / "skipped.txt").write_text("no pair\n")
     report = write_report(work, out, corpus, models, {"sft": 12.0})
     text = report.read_text()
-    assert "**reproduced on test_in only**: SFT+KD scores above SFT" in text
-    assert "**reproduced on both splits**: modality gap" in text
+    assert "**mixed: holds on test_in only, within the noise (95% intervals overlap)**: SFT+KD scores above SFT" in text
+    assert "**reproduced on both splits, intervals apart**: modality gap" in text
+    assert "**holds in the means on both splits (no interval for this measure)**: KD adds repetition" in text
+    assert "- Reproduced clearly (holds on both splits, 95% intervals apart): modality gap." in text
+    assert "- Mixed (holds on one split only): KD > SFT; DPO halves repetition." in text
     assert "SFT+DPO (no KD) (skipped: the judge kept no preference pair)" in text
     results = json.loads((out / "results.json").read_text())
     assert results["scores"]["sft_kd"] == {"test_in": 4.0, "test_shifted": 2.5}
     assert results["scores"]["sft_dpo"] == {"test_in": None, "test_shifted": None}
     verdicts = {c["claim"].split(":")[0]: c["verdict"] for c in results["claims"]}
-    assert verdicts["modality gap"] == "reproduced on both splits"
+    assert verdicts["modality gap"] == "reproduced on both splits, intervals apart"
