@@ -120,7 +120,6 @@ class Demo:
     # -- stages --------------------------------------------------------------------------------
 
     def run(self) -> Path:
-        started = time.perf_counter()
         models = self.models
         student, teacher = models / "student", models / "teacher"
         sft = self.stage("sft", lambda f: self.train("sft", f, student, self.corpus / "sft.jsonl")) / "merged"
@@ -133,7 +132,6 @@ class Demo:
             pairs = self.stage(f"pairs{suffix}", lambda f, start=start: self.preferences(f, start)) / "pairs.jsonl"
             self.stage(f"dpo{suffix}", lambda f, start=start, pairs=pairs: self.dpo(f, start, pairs))
         self.stage("eval", self.evaluate)
-        self.timings["total_this_run"] = round(time.perf_counter() - started, 1)
         return write_report(self.work, self.out, self.corpus, self.models, self.timings, quick=self.mode.quick)
 
     def kd_through_server(self, folder: Path, start: Path, teacher: Path) -> None:

@@ -306,7 +306,7 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
               "where the clipped score sits at its floor.", "",
               "## Table 3: teacher choice, DPO without KD, full vocabulary vs top-20", "", table(cells, TABLE3, notes), "",
               "## The paper's claims, checked", "", *(_claim_line(c) for c in checked), "",
-              "## Wall time (seconds, 2 CPU cores)", "",
+              "## Wall time of each stage (seconds, as first run, from its DONE stamp)", "",
               ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()) + ".", ""]
     if (out / "results.png").exists():
         lines += ["![scores](results.png)", ""]
