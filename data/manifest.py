@@ -70,6 +70,8 @@ class DataError(ValueError):
     """Bad input data; the message names file, line and field. The CLIs print it without a traceback."""
 
     def __init__(self, issues: Issue | Iterable[Issue]):
+        if isinstance(issues, str):
+            raise TypeError("DataError takes Issue objects (file, line, field, message), not a string")
         self.issues = [issues] if isinstance(issues, Issue) else list(issues)
         shown = [str(issue) for issue in self.issues[:20]]
         more = len(self.issues) - len(shown)

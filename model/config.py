@@ -120,7 +120,9 @@ class SpeechLMConfig:
     # Not in Phi-4MM: standardise each clip's projected audio over its own tokens (subtract the
     # time mean, divide by the RMS; model/projector.py `standardize_clips`). The toy world
     # (data/toy/pretrain.py) aligns a tiny encoder from scratch on CPU, where without it the
-    # projector output collapses to one constant vector; real checkpoints leave it False.
+    # projector output collapses to one constant vector; real checkpoints leave it False. It is
+    # saved only under config.json's "speechsum" key: transformers or vLLM loading such a
+    # checkpoint would silently skip it.
     standardize_audio_embeddings: bool = False
 
     def to_dict(self) -> dict[str, Any]:

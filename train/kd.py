@@ -5,7 +5,8 @@ reads the transcript (`kd.teacher`):
   local:DIR      a checkpoint of this project in text mode, full vocabulary, on this process's device;
   openai:MODEL   an OpenAI-compatible /v1/completions endpoint at kd.base_url that scores supplied
                  token ids (vLLM's prompt_logprobs, or echo + logprobs), top kd.top_k; the API key is
-                 read from the environment variable named by kd.api_key_env.
+                 read from the environment variable named by kd.api_key_env ("" for a server without
+                 authentication, e.g. a local vLLM or python -m rollout.server).
 """
 import sys
 
@@ -29,7 +30,9 @@ def make_teacher(config, model, tokenizer):
                                            api_key_env=config.kd.api_key_env or None,
                                            cache_dir=f"{config.run.out_dir}/teacher_cache")
         except ValueError as error:  # the key's variable unset, a bad URL: say it as a config problem
-            raise ConfigError(f"[kd] teacher {config.kd.teacher!r}: {error}") from None
+            raise ConfigError(f"[kd] teacher {config.kd.teacher!r} at {config.kd.base_url}: {error} (in the config: "
+                              f"kd.api_key_env names the variable; kd.api_key_env=\"\" for a server without "
+                              f"authentication)") from None
     raise ConfigError(f"[kd] teacher: expected 'local:DIR' or 'openai:MODEL', got {config.kd.teacher!r}")
 
 

@@ -48,7 +48,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data.manifest import DataError
+from data.manifest import DataError, Issue
 from model.safeio import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
 
 from .config import TrainConfig
@@ -310,8 +310,9 @@ def train(
                 position.epoch, position.batch_index = position.epoch + 1, 0
                 plans = data.epoch_plans(position.epoch)
                 if not plans:
-                    raise DataError(f"[data] train = {config.data.train}: no batch for rank {info.rank} (no usable "
-                                    "rows; see the warnings above); add data or lower data.batch_size")
+                    raise DataError(Issue(", ".join(map(str, config.data.train)) or "[data] train", None, None,
+                                          f"no batch for rank {info.rank}: no usable rows (see the warnings above) "
+                                          f"or fewer than one batch; add data or lower data.batch_size"))
             batch = loader.load(position.epoch, position.batch_index, plans)
             position.batch_index += 1
             model.eval()

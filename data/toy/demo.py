@@ -23,8 +23,10 @@ configs/toy/demo_*.toml (the A100 recipes in configs/phi4mm/ differ in sizes onl
               the teacher and the student backbone in text mode (`text:DIR`) included
   report      OUT/REPORT.md, OUT/results.json, OUT/results.png (this module's `write_report`)
 
-A stage whose folder holds a `DONE` file is skipped, so a rerun reuses finished stages (and a
-killed training stage resumes from its last checkpoint, train/loop.py). Progress: one line per
+A stage whose folder holds a `DONE` stamp is skipped, so a rerun reuses finished stages (and a
+killed training stage resumes from its last checkpoint, train/loop.py); eval runs every time,
+eval.run's own caches re-decoding only checkpoints that changed. WORK/run.json records the
+corpus, the models and the mode; a rerun with other inputs is refused (--fresh starts over). Progress: one line per
 stage on stdout plus the entry points' own output. Everything is decided before training: the
 oracle judge, the test splits and the hyper-parameters in the configs were fixed from training
 losses alone, never from test scores; the report states each claim's outcome as measured.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -44,12 +47,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.safeio import atomic_write_text
+
 from .corpus import PRESETS, build_corpus
-from .report import write_report
+from .report import RUN_FILE, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "data" / "toy" / "checkpoints"
-SHIPPED_PRESET = "demo"  # the corpus preset the shipped checkpoints were pre-trained on
+SERVER_START_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -86,12 +91,15 @@ class Demo:
     def log(self, message: str) -> None:
         print(f"[demo] {message}", flush=True)
 
-    def stage(self, name: str, run) -> Path:
-        """Run `run(folder)` unless folder/DONE exists; stamp DONE with the wall time."""
+    def stage(self, name: str, run, *, always: bool = False) -> Path:
+        """Run `run(folder)` unless folder/DONE holds a finished stamp (or `always`: a stage whose
+        entry point caches its own work, like eval.run, runs every time and redoes only what
+        changed); stamp DONE (atomically) with the wall time."""
         folder = self.work / name
         done = folder / "DONE"
-        if done.exists():
-            self.timings[name] = json.loads(done.read_text()).get("seconds", 0.0)
+        seconds = _stamp_seconds(done)
+        if seconds is not None and not always:
+            self.timings[name] = seconds
             self.log(f"{name}: done before, reused ({folder})")
             return folder
         self.log(f"{name}: running")
@@ -99,7 +107,7 @@ class Demo:
         run(folder)
         seconds = round(time.perf_counter() - started, 1)
         folder.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps({"seconds": seconds}) + "\n")
+        atomic_write_text(done, json.dumps({"seconds": seconds}) + "\n")
         self.timings[name] = seconds
         self.log(f"{name}: finished in {seconds:.0f} s")
         return folder
@@ -131,7 +139,7 @@ class Demo:
         for suffix, start in (("", kd), ("_sft", sft)):
             pairs = self.stage(f"pairs{suffix}", lambda f, start=start: self.preferences(f, start)) / "pairs.jsonl"
             self.stage(f"dpo{suffix}", lambda f, start=start, pairs=pairs: self.dpo(f, start, pairs))
-        self.stage("eval", self.evaluate)
+        self.stage("eval", self.evaluate, always=True)
         return write_report(self.work, self.out, self.corpus, self.models, self.timings, quick=self.mode.quick)
 
     def kd_through_server(self, folder: Path, start: Path, teacher: Path) -> None:
@@ -141,17 +149,22 @@ class Demo:
                                    "--served-model-name", "toy-teacher", "--log-level", "WARNING"],
                                   cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
-            line = server.stdout.readline()
+            ready, _, _ = select.select([server.stdout], [], [], SERVER_START_SECONDS)
+            line = server.stdout.readline() if ready else ""
             if " at http://" not in line:
-                raise DemoError(f"rollout.server did not start (said {line.strip()!r}); run it by hand to see why: "
-                                f"python -m rollout.server --checkpoint {teacher}")
+                raise DemoError(f"rollout.server did not start within {SERVER_START_SECONDS} s (said {line.strip()!r}); "
+                                f"run it by hand to see why: python -m rollout.server --checkpoint {teacher}")
             base_url = line.strip().split(" at ", 1)[1]
             self.log(f"kd_top20: teacher served at {base_url}")
             self.train("kd", folder, start, self.corpus / "kd.jsonl", 'kd.teacher="openai:toy-teacher"',
                        f'kd.base_url="{base_url}"', "kd.top_k=20", 'kd.api_key_env=""')
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
     def preferences(self, folder: Path, start: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -197,29 +210,62 @@ class DemoError(RuntimeError):
     """A demo step that cannot go on; the message says which and what to do."""
 
 
-def check_provenance(made: dict, corpus: dict) -> None:
-    """The shipped checkpoints learned from the corpus's `pretrain` and `teacher` splits (and
-    text-only meetings) of one seed and generator version: a corpus that shares those is theirs,
-    whatever the sizes of its other splits (meetings are seeded per split and index)."""
+def _stamp_seconds(done: Path) -> float | None:
+    """The seconds in a DONE stamp; None when it is missing or unreadable (a torn write: not done)."""
+    try:
+        return float(json.loads(done.read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def claim_work_folder(work: Path, inputs: dict) -> None:
+    """WORK/run.json records what a run's stages were made from (corpus, models, mode); a rerun
+    with other inputs would mix stages of two runs, so it is refused."""
+    run_file = work / RUN_FILE
+    if run_file.exists():
+        try:
+            before = json.loads(run_file.read_text())
+        except ValueError:
+            before = None
+        if not isinstance(before, dict) or {key: before.get(key) for key in inputs} != inputs:
+            raise DemoError(f"{work} holds stages of a run with other inputs ({before} vs {inputs}); "
+                            f"pass --fresh to start over or --work to use another folder")
+    work.mkdir(parents=True, exist_ok=True)
+    if not run_file.exists():
+        atomic_write_text(run_file, json.dumps(inputs, indent=1) + "\n")
+
+
+def check_provenance(made: dict, corpus: dict, *, same_pretraining_split: bool = True) -> None:
+    """The shipped checkpoints were trained on one corpus (pretrain.json: `corpus_key`, here
+    corpus-facb0731bf3f, made before the demo preset grew its SFT/KD/DPO pools): its
+    `pretrain` split, the `teacher` rows of those meetings, the first 160 SFT meetings (the
+    teacher's text) and the text-only meetings, all of one seed and generator version. Meetings
+    are seeded per split and index, so a corpus with the same seed, generator version and
+    pre-training split holds those same meetings whatever the sizes of its other splits; the
+    demo checks that much (the quick run, whose pre-training split is smaller, only seed and
+    generator version). The tokenizer inside the checkpoints is theirs, trained on that
+    corpus's text, so a rebuild with `make pretrain-toy` on today's larger corpus is not
+    byte-identical."""
+    names = ("seed", "generator version", "pre-training meetings", "instructions per meeting")
     ours = (corpus["seed"], corpus["generator_version"], corpus["sizes"]["pretrain"], corpus["sizes"]["instructions"])
     theirs = (made.get("corpus_seed"), made.get("generator_version"), made.get("corpus_sizes", {}).get("pretrain"),
               made.get("corpus_sizes", {}).get("instructions"))
-    if ours != theirs:
-        raise DemoError(f"the checkpoints in {SHIPPED} were pre-trained on (seed, generator version, pre-training "
-                        f"meetings, instructions per meeting) = {theirs}, this corpus has {ours}; rebuild them with "
-                        f"`make pretrain-toy` or pass --pretrain")
+    count = len(names) if same_pretraining_split else 2
+    if ours[:count] != theirs[:count]:
+        raise DemoError(f"the checkpoints in {SHIPPED} were pre-trained with ({', '.join(names[:count])}) = "
+                        f"{theirs[:count]}, this corpus has {ours[:count]}; rebuild them with `make pretrain-toy` "
+                        f"or pass --pretrain")
 
 
 def prepare_models(corpus: Path, work: Path, mode: Mode, pretrain: bool, python: str) -> Path:
-    """The shipped pre-training-stage checkpoints, or (with --pretrain, or when none are shipped)
-    checkpoints built here by data/toy/pretrain.py (--quick: a few steps; otherwise about 40
-    minutes on 2 cores). The shipped ones were made from the demo corpus; the demo run checks that
-    its corpus is that one (same cache key), the quick run reuses them on its smaller corpus of
-    the same world (same tokenizer coverage, same voices)."""
+    """The shipped pre-training-stage checkpoints (`check_provenance`), or (with --pretrain, or
+    when none are shipped) checkpoints built here by data/toy/pretrain.py (--quick: a few steps;
+    otherwise about 75 CPU-minutes, see its docstring). The quick run reuses the shipped ones on
+    its smaller corpus of the same world (same names, phrasings and voices)."""
     provenance = SHIPPED / "pretrain.json"
     if not pretrain and provenance.exists():
-        if not mode.quick:
-            check_provenance(json.loads(provenance.read_text()), json.loads((corpus / "corpus.json").read_text()))
+        check_provenance(json.loads(provenance.read_text()), json.loads((corpus / "corpus.json").read_text()),
+                         same_pretraining_split=not mode.quick)
         return SHIPPED
     target = work / "models"
     if (target / "DONE").exists():
@@ -232,7 +278,7 @@ def prepare_models(corpus: Path, work: Path, mode: Mode, pretrain: bool, python:
         command.append("--quick")
     if subprocess.run(command, cwd=ROOT).returncode != 0:
         raise DemoError(f"`{' '.join(command)}` failed; see its output above")
-    (target / "DONE").write_text("{}\n")
+    atomic_write_text(target / "DONE", json.dumps({"seconds": None}) + "\n")
     return target
 
 
@@ -261,11 +307,18 @@ def main(argv: list[str] | None = None) -> int:
                                   log=lambda m: print(m, flush=True)).resolve()
         except EspeakMissing as error:
             raise DemoError(str(error)) from None
+        claim_work_folder(work, {"corpus": str(corpus), "pretrain_here": args.pretrain, "quick": mode.quick})
         models = prepare_models(corpus, work, mode, args.pretrain, sys.executable)
+        atomic_write_text(work / RUN_FILE, json.dumps({"corpus": str(corpus), "pretrain_here": args.pretrain,
+                                                       "quick": mode.quick, "models": str(models)}, indent=1) + "\n")
         demo = Demo(work, out, mode, corpus, models)
         report = demo.run()
     except DemoError as error:
         print(f"[demo] error: {error}", file=sys.stderr)
+        return 1
+    except (OSError, KeyError, ValueError, subprocess.SubprocessError) as error:  # a damaged cache or run folder
+        print(f"[demo] error: {type(error).__name__}: {error}; rerun with --fresh if a run folder is damaged",
+              file=sys.stderr)
         return 1
     print(f"[demo] wrote {report} ({time.perf_counter() - started:.0f} s in all)", flush=True)
     print(report.read_text(encoding="utf-8"))

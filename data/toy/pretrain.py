@@ -32,8 +32,9 @@ pre-training meetings' turns, which it never trains on (printed and written to p
 Checkpoints are written with model.save_pretrained plus tokenizer.model (OUT/student,
 OUT/teacher; the tokenizer also as OUT/tokenizer.model), and OUT/pretrain.json records the
 corpus they came from (its cache key), the steps, the final losses and the ASR check. `make
-pretrain-toy` writes the copies the project ships in data/toy/checkpoints/ (about 40 minutes on
-2 CPU cores, teacher and student in parallel with --only); `make demo` starts from them. The
+pretrain-toy` writes the copies the project ships in data/toy/checkpoints/, one process, teacher
+then student; the shipped ones were made by two processes in parallel, `--only teacher` and
+`--only student`, one CPU thread each: 3060 s and 1332 s. `make demo` starts from them. The
 layout is the one the recipes read (`model.checkpoint`, `kd.teacher = "local:DIR"`). A step log goes to stderr.
 Plain AdamW loops over random batches (seeded); this stage is the toy's substitute for a
 pre-trained model, not part of the paper's method, so it does not go through train/.
@@ -184,7 +185,8 @@ def build_teacher(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
     teacher = SpeechLM(teacher_config(tokenizer))
     examples = text_examples(tokenizer, corpus, ("teacher", "sft"), steps.text_meetings)
     rng = random.Random(seed)
-    loss = train(teacher, lambda step: collate(rng.sample(examples, steps.batch_size), tokenizer.pad_token_id),
+    loss = train(teacher, lambda step: collate(rng.sample(examples, min(steps.batch_size, len(examples))),
+                                               tokenizer.pad_token_id),
                  steps.teacher, [{"params": list(teacher.decoder.parameters()), "lr": steps.lr}], "teacher (text)", log)
     _save(teacher, tokenizer.path, out / "teacher")
     return loss
@@ -207,10 +209,10 @@ def build_student(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
     mean, std = set_feature_statistics(student, clips)
     log(f"[toy pretrain] feature statistics from {len(clips)} clips: log-mel mean {mean:.2f}, std {std:.2f}")
 
-    def next_batch(step: int) -> Batch:
+    def next_batch(step: int) -> Batch:  # a corpus smaller than a batch gives smaller batches
         if step % 2:
-            return asr.load(rng.sample(trained, steps.batch_size))
-        return collate(rng.sample(texts, steps.batch_size), tokenizer.pad_token_id)
+            return asr.load(rng.sample(trained, min(steps.batch_size, len(trained))))
+        return collate(rng.sample(texts, min(steps.batch_size, len(texts))), tokenizer.pad_token_id)
 
     decoder = list(student.decoder.parameters())
     audio = [p for name, p in student.named_parameters() if not name.startswith("decoder.")]
@@ -243,6 +245,8 @@ def build(corpus: Path, out: Path, steps: Steps = Steps(), *, seed: int = 0, log
         summary["student"]["seconds"] = round(time.perf_counter() - started)
     previous = out / "pretrain.json"
     merged = json.loads(previous.read_text()) if previous.exists() else {}
+    if merged.get("corpus_key") != summary["corpus_key"]:  # another corpus: nothing of the old record holds
+        merged = {}
     merged.update(summary)
     atomic_write_text(previous, json.dumps(merged, indent=1))
     return {"tokenizer": tokenizer.path, "student": out / "student", "teacher": out / "teacher"}

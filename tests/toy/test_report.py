@@ -6,7 +6,7 @@ holds), intervals [mean - 0.5, mean + 0.5] (3.0 vs 4.0 touch at 3.5: they overla
 """
 import json
 
-from data.toy.report import claims, write_report
+from data.toy.report import _verdict, claims, write_report
 
 
 def cell(mean, repetition=0.0, hallucination=0.0):
@@ -19,6 +19,7 @@ CELLS = {
     "sft": {"test_in": cell(3.0, 0.05), "test_shifted": cell(3.0, 0.05)},
     "sft_kd": {"test_in": cell(4.0, 0.20), "test_shifted": cell(2.5, 0.20)},
     "sft_kd_dpo": {"test_in": cell(4.5, 0.08), "test_shifted": cell(3.5, 0.12)},
+    "sft_kd_top20": {"test_in": cell(4.0, 0.20), "test_shifted": cell(2.5, 0.20)},  # equal to sft_kd
 }
 
 
@@ -37,6 +38,10 @@ def test_verdicts_per_split():
     assert half["splits"]["test_shifted"]["holds"] is False  # 0.12 > 0.10
     weak = by_text("a strong teacher")
     assert weak["splits"]["test_in"]["holds"] is None  # sft_kd_weak was not evaluated
+    assert _verdict(weak) == "not measured (test_in, test_shifted missing)"
+    tie = by_text("full-vocabulary KD")  # an "at least" claim: equal means do not count as holding
+    assert tie["splits"]["test_in"]["equal"] and tie["splits"]["test_in"]["holds"] is False
+    assert _verdict(tie) == "no difference (equal means on both splits)"
 
 
 def test_report_files(tmp_path):
@@ -45,7 +50,10 @@ def test_report_files(tmp_path):
     (work / "eval" / "results.json").write_text(json.dumps(CELLS))
     (work / "dpo_sft").mkdir()
     (work / "dpo_sft" / "skipped.txt").write_text("no pair\n")
+    out.mkdir()
+    (out / "results.png").write_bytes(b"a plot of an earlier run")
     report = write_report(work, out, corpus, models, {"sft": 12.0})
+    assert not (out / "results.png").exists()  # no plot in this run's eval folder: the old one goes
     text = report.read_text()
     assert "**mixed: holds on test_in only, within the noise (95% intervals overlap)**: SFT+KD scores above SFT" in text
     assert "**reproduced on both splits, intervals apart**: modality gap" in text

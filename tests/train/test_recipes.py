@@ -46,6 +46,20 @@ def test_bad_config_is_one_clear_line(tmp_path):
     assert "unknown key(s) ['lrr']" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_training_data_without_a_batch_is_one_clear_message(tmp_path):
+    """A DPO run whose pairs file was never written (every pair tied): the manifest is left out with a
+    warning, and the loop stops with a DataError naming the file, not a traceback."""
+    build_toy_files(tmp_path)
+    missing = tmp_path / "no_pairs.jsonl"
+    command = [sys.executable, "-m", "train.dpo", "--config", str(ROOT / "configs/toy/smoke_dpo.toml"),
+               f'data.train=["{missing}"]', f'run.out_dir="{tmp_path / "dpo"}"',
+               'model.checkpoint="cache/toy/pretrained"']
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: {missing}: no batch for rank 0" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_bfloat16_model_trains_float32_adapters(tmp_path):
     """dtype bfloat16: frozen weights in bf16, LoRA and projector kept in float32 (master
     weights), and a loss + backward runs on CPU without autocast."""
