@@ -7,12 +7,16 @@ tuned) whose speech encoder and projector were aligned to it by large-scale ASR;
 is a much stronger text model (GPT-4o in text mode). This script builds the toy stand-ins:
 
   1. tokenizer  SentencePiece (vocab 512) on `training_texts(corpus)`: training splits only.
-  2. student    `model.toy()` sizes, everything trainable, one loop whose batches alternate
+  2. student    `model.toy()` sizes, everything trainable, loops whose batches alternate
                 between (a) text-only instruction tuning (transcript + instruction -> reference,
                 the prompt of rollout.teachers.teacher_prompt_ids) on teacher.jsonl and
                 `--text-meetings` text-only meetings: the toy "Phi-4-mini", which in text mode is
-                also the weak teacher of the ablation; and (b) ASR on pretrain.jsonl (one turn per
-                row), as Phi-4MM's pre-training stage aligns its encoder and projector.
+                also the weak teacher of the ablation; and (b) ASR, as Phi-4MM's pre-training
+                stage aligns its encoder and projector: phase 1 on pretrain.jsonl (one turn, about
+                2 s, per row), phase 2 (`--student-long` steps, half the learning rates) on
+                windows of 6 consecutive turns (about 10 s, `asr_windows`), long-form
+                recognition closer to what a 50 s meeting asks of the decoder.
+                `--student-from DIR` runs phase 2 only, from a phase-1 checkpoint.
   3. teacher    a wider decoder (hidden 256; its unused encoder is minimal), text-only on
                 teacher.jsonl + sft.jsonl + the text-only meetings: more capacity and more
                 data, and it reads the transcript, never the audio.
@@ -56,7 +60,7 @@ import torch
 from data.batching import Batch, Example, collate
 from data.dataset import ManifestDataset
 from losses.sft import masked_cross_entropy
-from model import SpeechLM, save_pretrained, toy
+from model import SpeechLM, load_pretrained, save_pretrained, toy
 from model.config import EncoderConfig
 from model.safeio import atomic_write_text
 from model.tokenizer import config_token_ids, train_sentencepiece
@@ -72,14 +76,16 @@ HELD_OUT_MEETINGS = 2  # the last pre-training meetings: the student's ASR check
 @dataclasses.dataclass(frozen=True)
 class Steps:
     text_meetings: int = 6000  # text-only meetings (data.toy.corpus.text_items) added to the text data
-    student: int = 2400  # half ASR batches, half text batches
+    student: int = 2400  # half ASR batches (single turns), half text batches
+    student_long: int = 800  # then: half ASR of windows of WINDOW_TURNS turns, half text
     teacher: int = 1500
     batch_size: int = 16
     lr: float = 2e-3  # decoders
     encoder_lr: float = 5e-3  # the student's encoder and projector
 
 
-QUICK = Steps(text_meetings=40, student=40, teacher=40, batch_size=8)
+QUICK = Steps(text_meetings=40, student=40, student_long=10, teacher=40, batch_size=8)
+WINDOW_TURNS, WINDOW_STRIDE = 6, 3
 
 
 def student_config(tokenizer):
@@ -160,15 +166,23 @@ def word_error(hypothesis: str, reference: str) -> float:
 
 
 @torch.no_grad()
-def asr_check(model: SpeechLM, dataset: ManifestDataset, indices: list[int], tokenizer) -> dict:
+def asr_check(model: SpeechLM, dataset: ManifestDataset, indices: list[int], tokenizer,
+              max_new_tokens: int = 48) -> dict:
     """Greedy transcripts of the held-out turns: mean word error and three examples."""
     batch = dataset.load(indices)
-    rollout = generate(model, batch.prompts, SamplingParams(max_new_tokens=48, temperature=0.0),
+    rollout = generate(model, batch.prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
                        audio_features=batch.audio_features, audio_lengths=batch.audio_lengths)
     pairs = [(tokenizer.decode(rollout.tokens[i][rollout.mask[i]].tolist()), example.transcript)
              for i, example in enumerate(batch.examples)]
     return {"turns": len(pairs), "word_error": sum(word_error(h, r) for h, r in pairs) / len(pairs),
             "examples": [{"hypothesis": h, "reference": r} for h, r in pairs[:3]]}
+
+
+def window_check(student: SpeechLM, corpus: Path, meetings: set[str], tokenizer, feature_cache: str) -> dict:
+    """`asr_check` on the WINDOW_TURNS-turn windows of `meetings` (held out from training)."""
+    manifest = asr_windows(corpus, Path(feature_cache), lambda meeting: meeting in meetings, name="held-out")
+    windows = ManifestDataset.from_manifests([manifest], tokenizer, task="sft", feature_cache=feature_cache)
+    return asr_check(student, windows, list(range(min(32, len(windows.entries)))), tokenizer, max_new_tokens=160)
 
 
 def _save(model: SpeechLM, tokenizer_file: Path, folder: Path) -> None:
@@ -192,10 +206,38 @@ def build_teacher(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
     return loss
 
 
+def asr_windows(corpus: Path, folder: Path, keep, name: str = "train") -> Path:
+    """A manifest of ASR rows spanning WINDOW_TURNS consecutive turns of one meeting (every
+    WINDOW_STRIDE turns): offset of the first, up to the end of the last, transcripts joined.
+    Long-form recognition over ~10 s clips, closer to what summarising 50 s meetings asks of the
+    decoder than single turns (about 2 s). Only the meetings `keep(meeting_id)` accepts; written
+    to `folder` (file name with `name`) with absolute audio paths."""
+    by_meeting: dict[str, list[dict]] = {}
+    for line in (corpus / "pretrain.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if keep(row["meeting_id"]):
+            by_meeting.setdefault(row["meeting_id"], []).append(row)
+    windows = []
+    for meeting, turns in by_meeting.items():
+        for start in range(0, max(1, len(turns) - WINDOW_TURNS + 1), WINDOW_STRIDE):
+            span = turns[start:start + WINDOW_TURNS]
+            text = " ".join(turn["transcript"] for turn in span)
+            end = span[-1]["offset"] + span[-1]["duration"]
+            windows.append({**span[0], "id": f"{meeting}/w{start:02d}", "audio_filepath": str(corpus.resolve() / span[0]["audio_filepath"]),
+                            "duration": round(end - span[0]["offset"], 4), "transcript": text, "summary": text})
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"asr_windows-{name}-{corpus.resolve().name}.jsonl"
+    atomic_write_text(path, "".join(json.dumps(w, sort_keys=True) + "\n" for w in windows))
+    return path
+
+
 def build_student(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, log,
-                  feature_cache: str = "cache/toy/features") -> dict:
+                  feature_cache: str = "cache/toy/features", start_from: Path | None = None) -> dict:
+    """Phase 1 (`steps.student`): single-turn ASR alternating with text; phase 2
+    (`steps.student_long`, half the learning rates): ASR of `asr_windows` alternating with text.
+    `start_from`: a phase-1 student checkpoint; phase 1 and the feature statistics are skipped."""
     torch.manual_seed(seed + 1)
-    student = SpeechLM(student_config(tokenizer))
+    student = SpeechLM(student_config(tokenizer)) if start_from is None else load_pretrained(start_from)
     texts = text_examples(tokenizer, corpus, ("teacher",), steps.text_meetings)
     asr = ManifestDataset.from_manifests([corpus / "pretrain.jsonl"], tokenizer, task="sft",
                                          feature_cache=feature_cache)
@@ -205,29 +247,46 @@ def build_student(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
     trained = sorted(set(range(len(asr.entries))) - set(held))
     checked = held or trained  # a corpus too small to hold meetings out is checked on training turns
     rng = random.Random(seed + 2)
-    clips = [asr.load([i]).audio_features[0] for i in rng.sample(trained, min(300, len(trained)))]
-    mean, std = set_feature_statistics(student, clips)
-    log(f"[toy pretrain] feature statistics from {len(clips)} clips: log-mel mean {mean:.2f}, std {std:.2f}")
+    if start_from is None:
+        clips = [asr.load([i]).audio_features[0] for i in rng.sample(trained, min(300, len(trained)))]
+        mean, std = set_feature_statistics(student, clips)
+        log(f"[toy pretrain] feature statistics from {len(clips)} clips: log-mel mean {mean:.2f}, std {std:.2f}")
 
-    def next_batch(step: int) -> Batch:  # a corpus smaller than a batch gives smaller batches
-        if step % 2:
-            return asr.load(rng.sample(trained, min(steps.batch_size, len(trained))))
-        return collate(rng.sample(texts, min(steps.batch_size, len(texts))), tokenizer.pad_token_id)
+    def alternate(audio_rows: ManifestDataset, indices: list[int]):
+        def next_batch(step: int) -> Batch:  # a corpus smaller than a batch gives smaller batches
+            if step % 2:
+                return audio_rows.load(rng.sample(indices, min(steps.batch_size, len(indices))))
+            return collate(rng.sample(texts, min(steps.batch_size, len(texts))), tokenizer.pad_token_id)
+        return next_batch
 
     decoder = list(student.decoder.parameters())
     audio = [p for name, p in student.named_parameters() if not name.startswith("decoder.")]
-    loss = train(student, next_batch, steps.student, [{"params": decoder, "lr": steps.lr},
-                                                      {"params": audio, "lr": steps.encoder_lr}],
-                 "student (ASR + text)", log)
+    loss = None
+    if start_from is None:
+        loss = train(student, alternate(asr, trained), steps.student, [{"params": decoder, "lr": steps.lr},
+                                                                        {"params": audio, "lr": steps.encoder_lr}],
+                     "student (ASR + text)", log)
+    if steps.student_long:
+        windows = ManifestDataset.from_manifests(
+            [asr_windows(corpus, Path(feature_cache), lambda meeting: meeting not in held_meetings)], tokenizer,
+            task="sft", feature_cache=feature_cache)
+        loss = train(student, alternate(windows, list(range(len(windows.entries)))), steps.student_long,
+                     [{"params": decoder, "lr": steps.lr / 2}, {"params": audio, "lr": steps.encoder_lr / 2}],
+                     f"student (ASR of {WINDOW_TURNS}-turn windows + text)", log)
     check = {**asr_check(student, asr, checked[:32], tokenizer), "held_out": bool(held)}
     log(f"[toy pretrain] student ASR on {check['turns']} {'held-out' if held else 'training'} turns: "
         f"word error {check['word_error']:.2f}")
+    if steps.student_long and held:
+        check["windows"] = window_check(student, corpus, held_meetings, tokenizer, feature_cache)
+        log(f"[toy pretrain] student ASR on {check['windows']['turns']} held-out {WINDOW_TURNS}-turn windows: "
+            f"word error {check['windows']['word_error']:.2f}")
     _save(student, tokenizer.path, out / "student")
     return {"loss": loss, "asr": check}
 
 
 def build(corpus: Path, out: Path, steps: Steps = Steps(), *, seed: int = 0, log=print,
-          which: tuple[str, ...] = ("teacher", "student"), feature_cache: str = "cache/toy/features") -> dict[str, Path]:
+          which: tuple[str, ...] = ("teacher", "student"), feature_cache: str = "cache/toy/features",
+          student_from: Path | None = None) -> dict[str, Path]:
     """Tokenizer, student and teacher checkpoints under `out` (module docstring); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_sentencepiece(training_texts(corpus), out / "tokenizer", vocab_size=VOCAB_SIZE)
@@ -241,7 +300,9 @@ def build(corpus: Path, out: Path, steps: Steps = Steps(), *, seed: int = 0, log
                               "seconds": round(time.perf_counter() - started)}
     if "student" in which:
         started = time.perf_counter()
-        summary["student"] = build_student(tokenizer, corpus, out, steps, seed, log, feature_cache)
+        summary["student"] = build_student(tokenizer, corpus, out, steps, seed, log, feature_cache, student_from)
+        if student_from is not None:
+            summary["student"]["phase_1_from"] = str(student_from)
         summary["student"]["seconds"] = round(time.perf_counter() - started)
     previous = out / "pretrain.json"
     merged = json.loads(previous.read_text()) if previous.exists() else {}
@@ -257,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", required=True, help="a folder written by python -m data.toy.corpus")
     parser.add_argument("--out", default="cache/toy/models")
     parser.add_argument("--feature-cache", default="cache/toy/features", help="log-mel cache of the ASR clips")
+    parser.add_argument("--student-from", default=None,
+                        help="a phase-1 student checkpoint: run the student's phase 2 (long windows) only")
     parser.add_argument("--quick", action="store_true", help="a few steps of each (smoke test)")
     parser.add_argument("--only", choices=("teacher", "student"), default=None, help="build one model (default both)")
     parser.add_argument("--seed", type=int, default=0)
@@ -273,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = dataclasses.replace(steps, **overrides)
     paths = build(Path(args.corpus), Path(args.out), steps, seed=args.seed,
                   log=lambda message: print(message, file=sys.stderr, flush=True),
-                  which=(args.only,) if args.only else ("teacher", "student"), feature_cache=args.feature_cache)
+                  which=(args.only,) if args.only else ("teacher", "student"), feature_cache=args.feature_cache,
+                  student_from=Path(args.student_from) if args.student_from else None)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0
 

@@ -240,7 +240,9 @@ def bottom_line(cells: dict, checked: list[dict], asr: dict) -> list[str]:
                   + (": " + ", ".join(f"{a} vs {b} on {split}" for a, b, split in apart) if apart else "")
                   + ". The verdicts on student stages above are therefore weak evidence either way. Measured "
                   f"upstream: the pre-training-stage student's word error on held-out turns is "
-                  f"{asr.get('word_error', float('nan')):.2f}, and after SFT it recalls {recall_audio or 0:.2f} of the "
+                  f"{asr.get('word_error', float('nan')):.2f}"
+                  + (f" ({(asr.get('windows') or {}).get('word_error', 0):.2f} on 6-turn windows)" if asr.get("windows") else "")
+                  + f", and after SFT it recalls {recall_audio or 0:.2f} of the "
                   f"asked facts from the audio, against {recall_text or 0:.2f} for its own backbone reading the "
                   f"transcript. Our reading (a hypothesis this run does not test): the tiny student mishears "
                   f"names, so a larger student or a longer pre-training stage (data/toy/pretrain.py) would move it "
@@ -312,8 +314,11 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
     ]
     if asr:
         which = "held-out" if asr.get("held_out", True) else "training (too few meetings to hold any out)"
+        windows = asr.get("windows") or {}
         lines.append(f"Pre-training stage (data/toy/pretrain.py): the student's word error on "
-                     f"{asr.get('turns')} {which} turns is {asr.get('word_error', float('nan')):.2f}.")
+                     f"{asr.get('turns')} {which} turns is {asr.get('word_error', float('nan')):.2f}"
+                     + (f", on {windows['turns']} held-out 6-turn windows {windows['word_error']:.2f}" if windows else "")
+                     + ".")
     floors = [f"{name} " + " / ".join(_rate(_mean(cells, name, s, "at_floor")) for s in SPLITS)
               for name in LABELS if name in cells]
     lines += ["", "## Bottom line", "", *bottom_line(cells, checked, asr)]

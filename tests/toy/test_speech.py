@@ -84,7 +84,7 @@ def test_pretrain_writes_loadable_student_and_teacher(tmp_path):
     from data.toy.pretrain import Steps, build
 
     corpus = build_corpus(0, TINY, tmp_path / "toy", workers=1, log=lambda message: None)
-    paths = build(corpus, tmp_path / "models", Steps(text_meetings=2, student=2, teacher=2, batch_size=2),
+    paths = build(corpus, tmp_path / "models", Steps(text_meetings=2, student=2, student_long=2, teacher=2, batch_size=2),
                   log=lambda message: None, feature_cache=str(tmp_path / "features"))
     student, teacher = load_pretrained(paths["student"]), LocalTeacher.from_pretrained(paths["teacher"])
     assert (paths["student"] / "tokenizer.model").is_file()
