@@ -236,7 +236,7 @@ def bottom_line(cells: dict, checked: list[dict], asr: dict) -> list[str]:
                   f"and {floor[1]:.0%} (test_shifted) of its outputs score 1.0, and "
                   f"{_rate(hallucination[0])} / {_rate(hallucination[1])} of them name an entity that is not in the "
                   f"meeting. Of the {len(pairs)} comparisons between the student's stages ({len(stages)} stages, "
-                  f"both splits), {len(apart)} have 95% intervals apart"
+                  f"both splits), {len(apart)} {'has' if len(apart) == 1 else 'have'} 95% intervals apart"
                   + (": " + ", ".join(f"{a} vs {b} on {split}" for a, b, split in apart) if apart else "")
                   + ". The verdicts on student stages above are therefore weak evidence either way. Measured "
                   f"upstream: the pre-training-stage student's word error on held-out turns is "
