@@ -261,7 +261,7 @@ def check_provenance(made: dict, corpus: dict, *, same_pretraining_split: bool =
 def prepare_models(corpus: Path, work: Path, mode: Mode, pretrain: bool, python: str) -> Path:
     """The shipped pre-training-stage checkpoints (`check_provenance`), or (with --pretrain, or
     when none are shipped) checkpoints built here by data/toy/pretrain.py (--quick: a few steps;
-    otherwise about 75 CPU-minutes, see its docstring). The quick run reuses the shipped ones on
+    otherwise about 80 CPU-minutes, see its docstring). The quick run reuses the shipped ones on
     its smaller corpus of the same world (same names, phrasings and voices)."""
     provenance = SHIPPED / "pretrain.json"
     if not pretrain and provenance.exists():
