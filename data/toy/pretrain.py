@@ -38,7 +38,8 @@ OUT/teacher; the tokenizer also as OUT/tokenizer.model), and OUT/pretrain.json r
 corpus they came from (its cache key), the steps, the final losses and the ASR check. `make
 pretrain-toy` writes the copies the project ships in data/toy/checkpoints/, one process, teacher
 then student; the shipped ones were made by two processes in parallel, `--only teacher` and
-`--only student`, one CPU thread each: 3060 s and 1332 s. `make demo` starts from them. The
+`--only student`, one CPU thread each: 3060 s and 1332 s, then the student's phase 2 with
+`--student-from` (528 s, 2 threads). `make demo` starts from them. The
 layout is the one the recipes read (`model.checkpoint`, `kd.teacher = "local:DIR"`). A step log goes to stderr.
 Plain AdamW loops over random batches (seeded); this stage is the toy's substitute for a
 pre-trained model, not part of the paper's method, so it does not go through train/.
