@@ -184,8 +184,8 @@ def judge_identity(judge) -> dict[str, Any] | None:
         return identity
     try:  # a local judge (the toy world's oracle): its code is its identity
         identity["source_sha"] = hashlib.sha256(Path(inspect.getfile(type(judge))).read_bytes()).hexdigest()[:16]
-    except (TypeError, OSError):
-        pass
+    except (TypeError, OSError):  # defined in a REPL or notebook: no file to hash; the class name identifies it
+        return identity
     return identity
 
 

@@ -219,9 +219,9 @@ def _stamp_seconds(done: Path) -> float | None:
         return None
 
 
-def claim_work_folder(work: Path, inputs: dict) -> None:
+def check_work_folder(work: Path, inputs: dict) -> None:
     """WORK/run.json records what a run's stages were made from (corpus, models, mode); a rerun
-    with other inputs would mix stages of two runs, so it is refused."""
+    whose `inputs` differ from the recorded ones would mix stages of two runs, so it is refused."""
     run_file = work / RUN_FILE
     if run_file.exists():
         try:
@@ -231,9 +231,6 @@ def claim_work_folder(work: Path, inputs: dict) -> None:
         if not isinstance(before, dict) or {key: before.get(key) for key in inputs} != inputs:
             raise DemoError(f"{work} holds stages of a run with other inputs ({before} vs {inputs}); "
                             f"pass --fresh to start over or --work to use another folder")
-    work.mkdir(parents=True, exist_ok=True)
-    if not run_file.exists():
-        atomic_write_text(run_file, json.dumps(inputs, indent=1) + "\n")
 
 
 def check_provenance(made: dict, corpus: dict, *, same_pretraining_split: bool = True) -> None:
@@ -308,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
                                   log=lambda m: print(m, flush=True)).resolve()
         except EspeakMissing as error:
             raise DemoError(str(error)) from None
-        claim_work_folder(work, {"corpus": str(corpus), "pretrain_here": args.pretrain, "quick": mode.quick})
+        inputs = {"corpus": str(corpus), "pretrain_here": args.pretrain, "quick": mode.quick}
+        check_work_folder(work, inputs)
         models = prepare_models(corpus, work, mode, args.pretrain, sys.executable)
-        atomic_write_text(work / RUN_FILE, json.dumps({"corpus": str(corpus), "pretrain_here": args.pretrain,
-                                                       "quick": mode.quick, "models": str(models)}, indent=1) + "\n")
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work / RUN_FILE, json.dumps({**inputs, "models": str(models)}, indent=1) + "\n")
         demo = Demo(work, out, mode, corpus, models)
         report = demo.run()
     except DemoError as error:
