@@ -23,17 +23,17 @@ TOY_PRESET ?= demo
 
 DEMO_ARGS ?=
 
-# The whole method on the toy world (data/toy/demo.py): results/toy/REPORT.md, results.json, results.png.
+# The whole method on the toy world (toy/demo.py): results/toy/REPORT.md, results.json, results.png.
 demo: $(STAMP)
 	@command -v espeak-ng >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq espeak-ng; } \
 	  || { echo "make demo needs espeak-ng: apt-get install espeak-ng (or brew install espeak-ng)"; exit 2; }
-	$(PY) -m data.toy.demo $(DEMO_ARGS)
+	$(PY) -m toy.demo $(DEMO_ARGS)
 
 toy-corpus: $(STAMP)
-	$(PY) -m data.toy.corpus --preset $(TOY_PRESET)
+	$(PY) -m toy.corpus --preset $(TOY_PRESET)
 
 pretrain-toy: toy-corpus
-	$(PY) -m data.toy.pretrain --corpus cache/toy/$(TOY_PRESET) --out data/toy/checkpoints
+	$(PY) -m toy.pretrain --corpus cache/toy/$(TOY_PRESET) --out toy/checkpoints
 
 BENCHES := decoder features long_audio sampler train_step kd_loss
 

@@ -1,1 +1,1 @@
-"""Data: manifests, audio I/O, batching, the synthetic-data pipeline and the toy meetings world."""
+"""Data: manifests, audio I/O, batching, the feature cache and the synthetic-data pipeline."""

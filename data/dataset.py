@@ -5,7 +5,7 @@
 - "sft" (section 2.1): instruction -> reference summary, the loss on the summary;
 - "prompt" (sections 2.2-2.3): no response; the student samples its own. The example carries
   the instruction and, for the text teacher and the judge, the transcript;
-- "pairs" (section 2.3, DPO): a pairs file of data.preferences; each entry loads as two
+- "pairs" (section 2.3, DPO): a pairs file of eval.preferences; each entry loads as two
   consecutive rows with the same id, y+ then y- (the layout of data/pairs.py and
   train.stages.DPOStage; `sample_ids` gives one id per pair). The responses are the ids the
   student sampled (`chosen_token_ids`, `rejected_token_ids`) when present and inside the
@@ -51,16 +51,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from model.features import AUDIO_COMPRESSION_RATE, log_mel, num_audio_tokens
+from model.safeio import TensorStore
 
 from .audio import AudioError, DurationPolicy, load_audio, seconds_to_samples_16k
 from .batching import Batch, Example, bucketed_plans, collate
@@ -83,8 +81,8 @@ class FeatureCache:
     """
 
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.store = TensorStore(directory, "features")
+        self.directory = self.store.directory
 
     def key(self, entry: ManifestEntry, policy: DurationPolicy, filterbank: str) -> str:
         stat = entry.audio_path.stat()
@@ -94,31 +92,13 @@ class FeatureCache:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
-        return self.directory / key[:2] / f"{key}.safetensors"
+        return self.store.path(key)
 
     def get(self, key: str) -> torch.Tensor | None:
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        try:
-            return load_file(str(path))["features"]
-        except Exception as error:  # safetensors raises several types for a damaged file
-            logger.warning("feature cache entry %s is unreadable (%s); recomputing it", path, error)
-            return None
+        return self.store.get(key)
 
     def put(self, key: str, features: torch.Tensor) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file({"features": features.contiguous()}, tmp)
-            with open(tmp, "rb+") as written:
-                os.fsync(written.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self.store.put(key, features)
 
 
 class ManifestDataset:
@@ -286,7 +266,7 @@ class ManifestDataset:
         text = entry.extra.get(side)
         if not isinstance(text, str) or not text.strip():
             raise DataError(entry.issue(side, "missing or empty; a preference pair needs the chosen and the "
-                                              "rejected response (data.preferences writes both)"))
+                                              "rejected response (eval.preferences writes both)"))
         return self.tokenizer.encode_response(text)
 
     def _features(self, entry: ManifestEntry) -> torch.Tensor:

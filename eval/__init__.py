@@ -1,1 +1,1 @@
-"""Evaluation: judges (LLM rubric, oracle for the toy world), benchmark loaders, the eval runner."""
+"""Evaluation: judges (LLM rubric; the toy world's oracle by name), DPO preference pairs, benchmark loaders, the eval runner."""

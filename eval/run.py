@@ -14,7 +14,7 @@ paper's "Text" rows; the text teacher as the ceiling). Benchmarks are `[NAME=]SP
 (eval/benchmarks.py; default name: the manifest's stem, "ami", "floras"). `--judge`:
 `openai:MODEL` (eval.judge.OpenAIJudge over `--judge-base-url`, key from the environment
 variable `--judge-api-key-env`, its response cache in OUT/judge_cache), `oracle` (the toy
-world's eval.oracle.OracleJudge) or `none` (diagnostics only, no judge calls).
+world's toy.oracle.OracleJudge) or `none` (diagnostics only, no judge calls).
 
 What happens per (checkpoint, benchmark), reading the benchmark once, a window of items at a time:
 1. Decode (greedy, as the Phi-4-multimodal report evaluates): items are sorted by audio length
@@ -191,14 +191,14 @@ def judge_identity(judge) -> dict[str, Any] | None:
 
 def make_judge(spec: str, *, base_url: str = DEFAULT_JUDGE_URL, api_key_env: str | None = "OPENAI_API_KEY",
                cache_dir: str | Path | None = None, max_concurrency: int = 8):
-    """`openai:MODEL` -> OpenAIJudge, `oracle` -> eval.oracle.OracleJudge(), `none` -> None."""
+    """`openai:MODEL` -> OpenAIJudge, `oracle` -> toy.oracle.OracleJudge(), `none` -> None."""
     if spec == "none":
         return None
     if spec == "oracle":
         try:
-            from eval.oracle import OracleJudge
+            from toy.oracle import OracleJudge
         except ImportError as error:
-            raise EvalError(f"--judge oracle needs eval.oracle.OracleJudge (the toy world's oracle judge), which "
+            raise EvalError(f"--judge oracle needs toy.oracle.OracleJudge (the toy world's oracle judge), which "
                             f"cannot be imported ({error}); use --judge openai:MODEL or --judge none") from None
         return OracleJudge()
     kind, _, model = spec.partition(":")
@@ -221,12 +221,13 @@ class CheckpointDecoder:
     """Greedy decoding of benchmark items with one checkpoint, loaded on first use."""
 
     def __init__(self, directory: Path, *, max_new_tokens: int, device: str | torch.device, dtype=None,
-                 text_mode: bool = False):
+                 text_mode: bool = False, encoder_cache: str | Path | None = None):
         self.directory = directory
         self.text_mode = text_mode  # read the transcript instead of hearing the audio (teacher prompt)
         self.max_new_tokens = max_new_tokens
         self.device = torch.device(device)
         self.dtype = dtype
+        self.encoder_cache = encoder_cache
         self.fingerprint = checkpoint_fingerprint(directory)
         self.model = None
         self.tokenizer = None
@@ -252,6 +253,11 @@ class CheckpointDecoder:
         if not self.text_mode and tokenizer.audio_token_id != model.config.audio_token_id:
             raise EvalError(f"{self.directory}: the tokenizer's audio placeholder id {tokenizer.audio_token_id} is not "
                             f"the model's ({model.config.audio_token_id}); use the checkpoint's own tokenizer")
+        if self.encoder_cache is not None and model.encoder is not None and not self.text_mode:
+            from model.encoder_cache import EncoderOutputCache
+
+            model.encoder.requires_grad_(False)
+            model.encoder_cache = EncoderOutputCache(self.encoder_cache, model.encoder)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.loads += 1
 
@@ -391,12 +397,15 @@ def evaluate(
     resamples: int = RESAMPLES,
     seed: int = SEED,
     with_plot: bool = True,
+    encoder_cache: str | Path | None = None,
 ) -> Results:
     """Decode, judge and diagnose every (checkpoint, benchmark); resumable (module docstring).
 
     `checkpoints`: name -> directory; `benchmarks`: name -> spec or Benchmark; `judge`: a
     eval.judge.Judge or None (diagnostics only). Writes the files listed in the module
-    docstring under `out_dir` and returns the Results.
+    docstring under `out_dir` and returns the Results. `encoder_cache`: a folder of frozen-encoder
+    outputs (model/encoder_cache.py) shared by the audio checkpoints: a clip is encoded once per
+    distinct encoder, whatever the number of checkpoints that share it.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise EvalError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
@@ -419,7 +428,8 @@ def evaluate(
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for ckpt_name, directory in checkpoints.items():
         decoder = CheckpointDecoder(Path(directory.removeprefix(TEXT_MODE)), max_new_tokens=max_new_tokens,
-                                    device=device, dtype=dtype, text_mode=directory.startswith(TEXT_MODE))
+                                    device=device, dtype=dtype, text_mode=directory.startswith(TEXT_MODE),
+                                    encoder_cache=encoder_cache)
         try:
             for bench_name, benchmark in loaded.items():
                 samples = _run_pair(ckpt_name, bench_name, benchmark, decoder, judge, judge_key, out, batch_size)
@@ -544,6 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bootstrap-resamples", type=int, default=RESAMPLES)
     parser.add_argument("--seed", type=int, default=SEED, help="bootstrap seed")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--encoder-cache", default=None, metavar="DIR",
+                        help="cache frozen-encoder outputs per clip here (model/encoder_cache.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data.manifest import DataError
@@ -558,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = evaluate(checkpoints, benchmarks, judge, args.out, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, device=args.device,
                            dtype=getattr(torch, args.dtype) if args.dtype else None,
-                           resamples=args.bootstrap_resamples, seed=args.seed, with_plot=not args.no_plot)
+                           resamples=args.bootstrap_resamples, seed=args.seed, with_plot=not args.no_plot,
+                           encoder_cache=args.encoder_cache)
     except (EvalError, BenchmarkError, DataError, CheckpointError, OSError) as error:
         print(f"eval.run: {error}", file=sys.stderr)
         return 2

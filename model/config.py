@@ -119,7 +119,7 @@ class SpeechLMConfig:
     speech_lora_alpha: float = 0.0
     # Not in Phi-4MM: standardise each clip's projected audio over its own tokens (subtract the
     # time mean, divide by the RMS; model/projector.py `standardize_clips`). The toy world
-    # (data/toy/pretrain.py) aligns a tiny encoder from scratch on CPU, where without it the
+    # (toy/pretrain.py) aligns a tiny encoder from scratch on CPU, where without it the
     # projector output collapses to one constant vector; real checkpoints leave it False. It is
     # saved only under config.json's "speechsum" key: transformers or vLLM loading such a
     # checkpoint would silently skip it.

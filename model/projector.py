@@ -10,7 +10,7 @@ hidden_size * downsample_rate but never stacks frames (the real checkpoint has r
 `standardize_clips` is this project's own option (SpeechLMConfig.standardize_audio_embeddings,
 off for Phi-4MM checkpoints): per clip, subtract the mean over its valid tokens and divide by
 their root mean square, so the decoder sees only how the clip varies in time. The toy world's
-from-scratch alignment needs it (data/toy/pretrain.py): without it, a tiny encoder trained by
+from-scratch alignment needs it (toy/pretrain.py): without it, a tiny encoder trained by
 ASR collapses to one constant output vector and the decoder learns to ignore the audio.
 """
 from __future__ import annotations

@@ -30,6 +30,7 @@ class SpeechLM(nn.Module):
                 raise ValueError("SpeechLM: only encoder.downsample_rate = 1 is supported (as in Phi-4MM)")
             self.encoder = ConformerEncoder(config.encoder)
             self.projector = AudioProjector(config.encoder.hidden_size, config.decoder.hidden_size)
+        self.encoder_cache = None  # a model.encoder_cache.EncoderOutputCache: frozen-encoder outputs from disk
 
     def embed(
         self,
@@ -50,11 +51,16 @@ class SpeechLM(nn.Module):
         # prompt) is encoded once.
         first, copy_of = consecutive_repeats(audio_features, audio_lengths)  # (U,), (N,)
         lengths = None if audio_lengths is None else audio_lengths[first]
-        encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
-            encoded, token_counts = self.encoder(
-                audio_features[first].to(embeds.dtype), lengths, mask_padding=self.config.encoder.mask_padding
+        if self.encoder_cache is not None:  # refuses a trainable encoder
+            encoded, token_counts = self.encoder_cache.encode(
+                self.encoder, audio_features[first].to(embeds.dtype), lengths, mask_padding=self.config.encoder.mask_padding
             )  # (U, T', D_enc), (U,)
+        else:
+            encoder_trains = any(p.requires_grad for p in self.encoder.parameters())
+            with torch.set_grad_enabled(torch.is_grad_enabled() and encoder_trains):
+                encoded, token_counts = self.encoder(
+                    audio_features[first].to(embeds.dtype), lengths, mask_padding=self.config.encoder.mask_padding
+                )  # (U, T', D_enc), (U,)
         audio_embeds = self.projector(encoded.to(self.projector.up_proj.weight.dtype))  # (U, T', hidden)
         if self.config.standardize_audio_embeddings:
             audio_embeds = standardize_clips(audio_embeds, token_counts)

@@ -31,6 +31,7 @@ class ModelSection:
     train_projector: bool = True
     gradient_checkpointing: bool = False
     mask_audio_padding: bool = False  # True: real masking in the encoder (see model/encoder.py)
+    encoder_cache: str = ""  # directory of cached frozen-encoder outputs per clip (model/encoder_cache.py); "" = off
 
 
 @dataclass

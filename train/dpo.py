@@ -1,6 +1,6 @@
 """Stage 3, DPO (paper section 2.3): `python -m train.dpo --config FILE [section.key=value ...]`.
 
-Data: pairs files written by data/preferences.py (two student samples per input, judged in both
+Data: pairs files written by eval/preferences.py (two student samples per input, judged in both
 orders, ties dropped). The reference is the starting checkpoint (the KD result, its LoRA merged)
 = the model with this stage's adapters disabled; its log-probs are computed once per pair.
 

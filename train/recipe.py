@@ -27,6 +27,7 @@ from data.dataset import ManifestDataset
 from data.manifest import DataError
 from model import load_pretrained, save_pretrained
 from model.checkpoint import CheckpointError
+from model.encoder_cache import EncoderOutputCache, EncoderTrainableError
 from model.lora import apply_lora, mark_trainable, merge_and_remove_lora
 from model.tokenizer import load_tokenizer
 
@@ -55,7 +56,10 @@ def build_model(config: TrainConfig, device: torch.device):
     for name in mark_trainable(model, extra_prefixes=extra):
         # float32 master copies of what trains: bf16 would round most small AdamW updates away
         model.get_parameter(name).data = model.get_parameter(name).data.float()
-    return model.to(device)
+    model = model.to(device)
+    if section.encoder_cache and model.encoder is not None:  # the encoder is frozen in every stage
+        model.encoder_cache = EncoderOutputCache(section.encoder_cache, model.encoder)
+    return model
 
 
 def build_dataset(config: TrainConfig, tokenizer, model, info: DistInfo, task: str, reserve_tokens: int = 0):
@@ -139,6 +143,6 @@ def run_recipe(stage_name: str, make_stage, task: str, argv=None, reserve_tokens
         barrier()
         shutdown()
         return 0
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, DataError, CheckpointError, EncoderTrainableError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -242,8 +242,8 @@ def test_judge_specs(monkeypatch, tmp_path):
     assert judge_identity(CountingJudge())["source_sha"]  # a local judge: its code is its identity
     with pytest.raises(EvalError, match="expected openai:MODEL"):
         make_judge("gpt-4.1")
-    monkeypatch.setitem(sys.modules, "eval.oracle", None)  # as if the toy world's oracle were absent
-    with pytest.raises(EvalError, match="--judge oracle needs eval.oracle.OracleJudge"):
+    monkeypatch.setitem(sys.modules, "toy.oracle", None)  # as if the toy world's oracle were absent
+    with pytest.raises(EvalError, match="--judge oracle needs toy.oracle.OracleJudge"):
         make_judge("oracle")
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from data.toy.tasks import Task
-from data.toy.world import Action, Figure, Meeting, Topic
+from toy.tasks import Task
+from toy.world import Action, Figure, Meeting, Topic
 
 MEETING = Meeting(
     id="hand-00000",
@@ -21,5 +21,5 @@ MEETING = Meeting(
 
 
 def source(task: Task, meeting: Meeting = MEETING) -> str:
-    """The judge_source of (meeting, task), as data.toy.corpus writes it."""
+    """The judge_source of (meeting, task), as toy.corpus writes it."""
     return json.dumps({"meeting": meeting.to_dict(), "task": task.to_dict()}, sort_keys=True)

@@ -1,6 +1,6 @@
 """The oracle judge: references score 7, hand-made bad answers score what the formula says.
 
-Every expected value below is derived from the formula of eval/oracle.py,
+Every expected value below is derived from the formula of toy/oracle.py,
     overall = clip(1 + 6 R P - 3 (1 - C) - L - min(3, 6 Q) - H, 1, 7),
 on the hand-made meeting of tests/toy/meeting.py (Alice and Bruno; the budget: cut the travel
 costs, 4500 euros, Bruno sends the draft by Friday; the website: add a search bar).
@@ -11,10 +11,10 @@ import json
 
 import pytest
 
-from data.toy.corpus import PRESETS, plan_corpus
-from data.toy.tasks import FAMILIES, Task, applicable, reference
+from toy.corpus import PRESETS, plan_corpus
+from toy.tasks import FAMILIES, Task, applicable, reference
 from eval.judge import Judge
-from eval.oracle import OracleJudge, normalize
+from toy.oracle import OracleJudge, normalize
 from tests.toy.meeting import MEETING, source
 
 judge = OracleJudge()
@@ -142,7 +142,7 @@ def test_source_that_is_not_the_toy_world_is_a_clear_error():
 
 
 def test_prefer_many_matches_prefer_in_both_orders():
-    """The oracle's batch form for data.preferences: the same verdict as `prefer`, identical in
+    """The oracle's batch form for eval.preferences: the same verdict as `prefer`, identical in
     both orders (no position bias), ties kept as ties."""
     judge = OracleJudge()
     task = Task("brief")

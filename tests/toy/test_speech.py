@@ -13,20 +13,21 @@ import shutil
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from data.audio import load_audio
 from data.manifest import read_manifest
-from data.toy import speech
-from data.toy.corpus import MANIFESTS, Sizes, build_corpus, plan_meeting, training_texts
+from toy import speech
+from toy.corpus import MANIFESTS, Sizes, build_corpus, plan_meeting, training_texts
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                   reason="espeak-ng is not installed (apt-get install espeak-ng)")
-TINY = Sizes(pretrain=1, sft=1, kd=0, dpo=0, test_in=0, test_shifted=1, instructions=2)
+TINY = Sizes(pretrain=1, sft=1, kd=0, dpo=0, validation=1, validation_voices=0, test_in=0, test_voices=0, test_shifted=1, instructions=2)
 
 
 def render(split: str, index: int) -> speech.Speech:
     planned = plan_meeting(0, split, index, 1)
-    voices = speech.assign_voices(planned.meeting.participants, planned.style, random.Random("voices"))
+    voices = speech.assign_voices(planned.meeting.participants, planned.voice_set, random.Random("voices"))
     return speech.render_speech(planned.turns, voices, random.Random("audio"), noise_probability=1.0)
 
 
@@ -57,7 +58,7 @@ def test_build_is_deterministic_cached_and_readable(tmp_path):
     second = build_corpus(0, TINY, tmp_path / "b", workers=2, log=messages.append)
     digest = lambda folder: {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
                              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "corpus.json"}
-    assert digest(first) == digest(second) and len(digest(first)) == 3 * 2 + len(MANIFESTS)
+    assert digest(first) == digest(second) and len(digest(first)) == 4 * 2 + len(MANIFESTS)  # 4 meetings: wav + json
     assert build_corpus(0, TINY, tmp_path / "a", alias="tiny", log=messages.append) == first
     assert (tmp_path / "a" / "tiny").resolve() == first.resolve()
     assert messages[-1] == f"[toy corpus] reusing {first}"
@@ -76,22 +77,30 @@ def test_build_is_deterministic_cached_and_readable(tmp_path):
 
 @needs_espeak
 def test_pretrain_writes_loadable_student_and_teacher(tmp_path):
-    """Two steps of each pre-training phase on a three-meeting corpus: the checkpoints load with
-    the recipes' loaders, carry the tokenizer, and the teacher is wider than the student."""
+    """Two steps of each pre-training loop on a tiny corpus: the checkpoints load with the
+    recipes' loaders, carry the tokenizer, the teacher is wider than the student, the student's
+    encoder is the CTC-trained one, and pretrain.json records the checks."""
     from model import load_pretrained
     from rollout.teachers import LocalTeacher
 
-    from data.toy.pretrain import Steps, build
+    from toy.pretrain import Steps, build
 
     corpus = build_corpus(0, TINY, tmp_path / "toy", workers=1, log=lambda message: None)
-    paths = build(corpus, tmp_path / "models", Steps(text_meetings=2, student=2, student_long=2, teacher=2, batch_size=2),
-                  log=lambda message: None, feature_cache=str(tmp_path / "features"))
+    steps = Steps(text_meetings=2, encoder=2, asr_frames=600, student=2, teacher=2, batch_size=2)
+    paths = build(corpus, tmp_path / "models", steps, log=lambda message: None, work=tmp_path / "work")
     student, teacher = load_pretrained(paths["student"]), LocalTeacher.from_pretrained(paths["teacher"])
     assert (paths["student"] / "tokenizer.model").is_file()
     assert teacher.model.config.decoder.hidden_size > student.config.decoder.hidden_size
     assert student.config.decoder.vocab_size == teacher.model.config.decoder.vocab_size == 512
     assert student.config.standardize_audio_embeddings and student.config.encoder.mask_padding
     assert 10 < student.encoder.encoder_embedding.global_mean.mean() < 20  # toy log-mel statistics, not 0 / 1
+    ctc = torch.load(tmp_path / "work" / "encoder_ctc" / "state.pt", weights_only=True)
+    encoder = {k.removeprefix("encoder."): v for k, v in ctc["model"].items() if k.startswith("encoder.")}
+    for name, value in student.encoder.state_dict().items():
+        assert torch.equal(value, encoder[name]), name  # frozen while the student trained
     provenance = json.loads((tmp_path / "models" / "pretrain.json").read_text())
-    assert provenance["corpus_key"] == corpus.name
-    assert 0.0 <= provenance["student"]["asr"]["word_error"] <= 1.0
+    assert provenance["corpus_key"] == corpus.name and ctc["step"] == 2
+    assert provenance["student"]["meeting_word_error_train_voices"] >= 0.0
+    assert "meeting_word_error_unseen_voices" not in provenance["student"]  # no such split in this corpus
+    assert provenance["encoder_ctc"]["validation"]["meetings"] == 1
+    assert 1.0 <= provenance["teacher"]["validation"]["score"] <= 7.0

@@ -7,17 +7,17 @@ import json
 import random
 import re
 
-from data.toy import dialogue, speech, tasks
-from data.toy.corpus import (ASR_INSTRUCTION, PRESETS, SPLITS, Sizes, corpus_key, manifest_rows, plan_corpus,
+from toy import dialogue, speech, tasks
+from toy.corpus import (ASR_INSTRUCTION, PRESETS, SPLITS, Sizes, corpus_key, manifest_rows, plan_corpus,
                              plan_meeting, text_items)
-from data.toy.tasks import FAMILIES, Task, applicable, instruction, reference
-from data.toy.world import Meeting, sample_meeting
-from eval.oracle import normalize
+from toy.tasks import FAMILIES, Task, applicable, instruction, reference
+from toy.world import Meeting, sample_meeting
+from toy.oracle import normalize
 
 QUICK = PRESETS["quick"]
 # sha256 of the quick plan for seed 0 (records, turns, instructions, references): changes only
-# together with data.toy.corpus.GENERATOR_VERSION.
-QUICK_PLAN_SHA256 = "90a8862cbe667d25d7175db3aee8272744f95f41912e8585daad9d13a988cf56"
+# together with toy.corpus.GENERATOR_VERSION.
+QUICK_PLAN_SHA256 = "393dd680c530759464ba83b6192bba69a558eed9ba2d040cbc811a6e76b61a31"
 
 
 def fingerprint(plans) -> str:
@@ -78,12 +78,16 @@ def test_shifted_phrasings_and_voices_are_unseen_in_training():
         assert not set(slot["train"]) & set(slot["shifted"])
     for family in tasks.PHRASINGS.values():
         assert not set(family["train"]) & set(family["shifted"])
-    assert not set(speech.VOICES["train"]) & set(speech.VOICES["shifted"])
-    accents = lambda style: {v.split("+")[0] for v in speech.VOICES[style]}  # noqa: E731
-    assert not accents("train") & accents("shifted")
+    train, unseen = speech.voice_pool("train"), speech.voice_pool("unseen")
+    assert len(train) == len(set(train)) >= 300 and not set(train) & set(unseen)
+    variants = lambda pool: {v.split("+")[1] for v in pool}  # noqa: E731
+    assert not variants(train) & variants(unseen)  # no unseen voice shares its variant with a training one
     plans = plan_corpus(0, QUICK)
     assert {p.style for p in plans["test_shifted"]} == {"shifted"}
     assert {p.style for s in SPLITS if s != "test_shifted" for p in plans[s]} == {"train"}
+    unseen_splits = ("validation_voices", "test_voices", "test_shifted")
+    assert {p.voice_set for s in unseen_splits for p in plans[s]} == {"unseen"}
+    assert {p.voice_set for s in SPLITS if s not in unseen_splits for p in plans[s]} == {"train"}
 
 
 def test_sample_tasks_draws_distinct_families():

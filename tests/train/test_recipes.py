@@ -53,7 +53,7 @@ def test_training_data_without_a_batch_is_one_clear_message(tmp_path):
     missing = tmp_path / "no_pairs.jsonl"
     command = [sys.executable, "-m", "train.dpo", "--config", str(ROOT / "configs/toy/smoke_dpo.toml"),
                f'data.train=["{missing}"]', f'run.out_dir="{tmp_path / "dpo"}"',
-               'model.checkpoint="cache/toy/pretrained"']
+               'model.checkpoint="toy/checkpoints/student"']
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2, result.stderr[-2000:]
@@ -71,7 +71,7 @@ def test_bfloat16_model_trains_float32_adapters(tmp_path):
     from train.stages import SFTStage
 
     build_toy_files(tmp_path)
-    config = load_config(None, [f"model.checkpoint={tmp_path}/cache/toy/pretrained", 'model.dtype="bfloat16"'])
+    config = load_config(None, [f"model.checkpoint={tmp_path}/toy/checkpoints/student", 'model.dtype="bfloat16"'])
     model = build_model(config, torch.device("cpu"))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}

@@ -1,5 +1,7 @@
 """A tiny audio student checkpoint, a text teacher, audio files and the three manifests, as the
-smoke configs expect them under a root directory (cache/toy/... relative to the run's cwd)."""
+smoke configs expect them under a root directory (toy/checkpoints/..., cache/toy/quick/... and
+runs/smoke/pairs.jsonl, relative to the run's cwd): tiny stand-ins for the shipped checkpoints and the
+quick corpus."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,11 +20,11 @@ from tests.rollout.tiny_checkpoint import build_tiny_checkpoint, corpus
 
 
 def build_toy_files(root: Path, clips: int = 6) -> Path:
-    cache = root / "cache" / "toy"
+    cache, checkpoints = root / "cache" / "toy" / "quick", root / "toy" / "checkpoints"
     cache.mkdir(parents=True, exist_ok=True)
-    build_tiny_checkpoint(cache / "teacher", seed=3)
-    tokenizer = train_sentencepiece(corpus(), cache / "spm" / "toy", vocab_size=300)
-    student = cache / "pretrained"
+    build_tiny_checkpoint(checkpoints / "teacher", seed=3)
+    tokenizer = train_sentencepiece(corpus(), root / "cache" / "spm" / "toy", vocab_size=300)
+    student = checkpoints / "student"
     config = toy(**config_token_ids(tokenizer))
     config = dataclasses.replace(
         config,
@@ -47,7 +49,11 @@ def build_toy_files(root: Path, clips: int = 6) -> Path:
                      "transcript": transcript, "instruction": "Summarize briefly.", "summary": transcript[:30]})
     write = lambda name, items: (cache / name).write_text("".join(json.dumps(r) + "\n" for r in items))  # noqa: E731
     write("sft.jsonl", rows)
+    write("validation.jsonl", rows[:2])
     write("kd.jsonl", [{k: v for k, v in r.items() if k != "summary"} for r in rows])
-    write("pairs.jsonl", [{**{k: v for k, v in r.items() if k != "summary"}, "chosen": r["summary"],
-                           "rejected": "the the the the"} for r in rows])
+    pairs = root / "runs" / "smoke" / "pairs.jsonl"  # as eval.preferences writes it, audio paths made absolute
+    pairs.parent.mkdir(parents=True, exist_ok=True)
+    pairs.write_text("".join(json.dumps({**{k: v for k, v in r.items() if k != "summary"},
+                                         "audio_filepath": str(cache / r["audio_filepath"]), "chosen": r["summary"],
+                                         "rejected": "the the the the"}) + "\n" for r in rows))
     return root

@@ -1,6 +1,6 @@
 """DPO preference pairs from the student's own samples and a pairwise LLM judge (paper section 2.3).
 
-    python -m data.preferences --checkpoint DIR --manifest in.jsonl --judge gpt-4.1 --out pairs.jsonl \
+    python -m eval.preferences --checkpoint DIR --manifest in.jsonl --judge gpt-4.1 --out pairs.jsonl \
         [--base-url URL] [--api-key-env NAME] [--batch-size 4] [--max-new-tokens 512] [--temperature 1.0]
 
 For each manifest row (audio, instruction, transcript):
@@ -48,13 +48,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from data.audio import DurationPolicy
+from data.batching import collate
+from data.dataset import ManifestDataset
+from data.manifest import DataError, ManifestEntry, read_manifest
+from data.synth import append_rows, read_rows
 from rollout.api_client import ApiError, add_client_arguments, client_options
-
-from .audio import DurationPolicy
-from .batching import collate
-from .dataset import ManifestDataset
-from .manifest import DataError, ManifestEntry, read_manifest
-from .synth import append_rows, read_rows
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +266,7 @@ def format_statistics(stats: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.preferences", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m eval.preferences", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="the student (KD checkpoint) directory")
     parser.add_argument("--manifest", nargs="+", required=True, help="manifests with instruction and transcript")
     parser.add_argument("--judge", required=True,
@@ -297,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), device=device)
         tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
         if args.judge == "oracle":  # the toy world's judge: scores from each row's judge_source record
-            from eval.oracle import OracleJudge
+            from toy.oracle import OracleJudge
 
             judge = OracleJudge()
         else:
@@ -307,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args.manifest, args.out, model, tokenizer, judge, config, strict=args.strict,
             policy=DurationPolicy(args.max_duration or None, args.on_too_long))
     except (ApiError, ValueError, OSError) as error:
-        print(f"data.preferences: {error}", file=sys.stderr)
+        print(f"eval.preferences: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,6 +1,6 @@
 """The toy corpus: meetings per split, their audio and the manifests, seeded and cached.
 
-    python -m data.toy.corpus [--seed 0] [--preset demo|quick] [--root cache/toy] [--workers 2]
+    python -m toy.corpus [--seed 0] [--preset demo|quick] [--root cache/toy] [--workers 2]
         # -> cache/toy/corpus-<key>/, and the link cache/toy/<preset> (<preset>-seed<N> for seed N != 0)
     corpus_dir = build_corpus(seed=0, sizes=PRESETS["demo"])   # -> cache/toy/corpus-<key>/
     texts = training_texts(corpus_dir)                          # the tokenizer's training text
@@ -16,23 +16,29 @@ Splits (meetings are disjoint across splits; `Sizes` gives the counts):
   kd            audio + instruction + transcript, no reference (section 2.2: the teacher reads
                 the transcript, the student the audio).
   dpo           audio + instruction + transcript, no reference (section 2.3).
+  validation    training voices and phrasings, with references: every choice of size, steps or
+                learning rate (pre-training, the demo's configs) is made on it, never on a test.
+  validation_voices  unseen voices, training phrasings: the pre-training stage's check of
+                how its recognizer carries to voices it never heard (a validation split too).
   test_in       in-domain test: training voices and phrasings, with references.
-  test_shifted  shifted test: voices (accents and variants) and phrasings (dialogue and
-                instructions) never used in training.
+  test_voices   unseen voices (toy/speech.py `voice_pool("unseen")`), training phrasings.
+  test_shifted  unseen voices and phrasings (dialogue and instructions) never used in
+                training: the hard zero-shot case.
+  The test splits are read by the final evaluation only.
   text          (no audio, no manifest) `text_items`: more meetings as text, for the text-only
-                training of data/toy/pretrain.py; text is cheap, audio is not.
+                training of toy/pretrain.py; text is cheap, audio is not.
 
 Every instruction row carries `judge_source` (JSON {"meeting": record, "task": {family,
-params}}, read by eval/oracle.py through the evaluation runner's `jsonl:` loader), `family`,
-`format` and `requested_length` (the oracle's format and word limit, data/toy/tasks.py `spec`,
+params}}, read by toy/oracle.py through the evaluation runner's `jsonl:` loader), `family`,
+`format` and `requested_length` (the oracle's format and word limit, toy/tasks.py `spec`,
 in the form eval/diagnostics.py reads; the brief family's 80 words are implicit in its
-instruction), `meeting_id` and `split`. Instruction families and references: data/toy/tasks.py; per meeting,
+instruction), `meeting_id` and `split`. Instruction families and references: toy/tasks.py; per meeting,
 `Sizes.instructions` distinct families.
 
 Determinism: every meeting has its own random streams, seeded by strings
 "{seed}/{split}/{index}/{purpose}" (Python's `random.Random` seeds strings through SHA-512,
 independent of PYTHONHASHSEED), so a meeting does not depend on the sizes of the other splits
-or on the order of generation; espeak-ng is deterministic (data/toy/speech.py).
+or on the order of generation; espeak-ng is deterministic (toy/speech.py).
 
 Cache: `{root}/corpus-{key}` with key = SHA-256 of (seed, GENERATOR_VERSION, sizes), first 12
 hex digits. A build writes into `corpus-{key}.partial/`: each meeting's WAV and its segment
@@ -61,30 +67,37 @@ from .dialogue import Turn, render_dialogue, transcript
 from .tasks import Task, instruction, reference, sample_tasks, spec
 from .world import Meeting, sample_meeting
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 ASR_INSTRUCTION = "Transcribe the audio clip."
-SPLITS = ("pretrain", "sft", "kd", "dpo", "test_in", "test_shifted")
-TEXT_SPLIT = "text"  # meetings that are never rendered to audio: text-only training (data/toy/pretrain.py)
-MANIFESTS = ("pretrain", "teacher", "sft", "kd", "dpo", "test_in", "test_shifted")
-WITH_REFERENCE = {"teacher", "sft", "test_in", "test_shifted"}
+SPLITS = ("pretrain", "sft", "kd", "dpo", "validation", "validation_voices", "test_in", "test_voices",
+          "test_shifted")
+TEST_SPLITS = ("test_in", "test_voices", "test_shifted")
+UNSEEN_VOICE_SPLITS = ("validation_voices", "test_voices", "test_shifted")
+TEXT_SPLIT = "text"  # meetings that are never rendered to audio: text-only training (toy/pretrain.py)
+MANIFESTS = ("pretrain", "teacher", "sft", "kd", "dpo", "validation", "validation_voices", "test_in", "test_voices",
+             "test_shifted")
+WITH_REFERENCE = {"teacher", "sft", "validation", "validation_voices", "test_in", "test_voices", "test_shifted"}
 
 
 @dataclass(frozen=True)
 class Sizes:
     """Meetings per split and instructions per meeting."""
 
-    pretrain: int = 200
+    pretrain: int = 400  # ASR: 200 meetings with 8 voices left whole-meeting recognition far from usable
     sft: int = 480  # 960 SFT rows: the held-out summary loss after 2 epochs was 0.384, 0.406 with 320 rows
     kd: int = 160
     dpo: int = 160
+    validation: int = 30
+    validation_voices: int = 20
     test_in: int = 30
+    test_voices: int = 30
     test_shifted: int = 30
     instructions: int = 2
 
 
 PRESETS = {
     "demo": Sizes(),
-    "quick": Sizes(pretrain=24, sft=16, kd=8, dpo=8, test_in=6, test_shifted=6, instructions=2),
+    "quick": Sizes(pretrain=24, sft=16, kd=8, dpo=8, validation=4, validation_voices=2, test_in=6, test_voices=4, test_shifted=6, instructions=2),
 }
 
 
@@ -103,7 +116,8 @@ class PlannedMeeting:
 
     split: str
     index: int
-    style: str  # "train" | "shifted"
+    style: str  # phrasing: "train" | "shifted"
+    voice_set: str  # "train" | "unseen"
     meeting: Meeting
     turns: list[Turn]
     items: list[Item]
@@ -125,12 +139,13 @@ def plan_meeting(seed: int, split: str, index: int, instructions: int) -> Planne
     if split not in (*SPLITS, TEXT_SPLIT):
         raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, TEXT_SPLIT)}")
     style = "shifted" if split == "test_shifted" else "train"
+    voice_set = "unseen" if split in UNSEEN_VOICE_SPLITS else "train"
     meeting = sample_meeting(_rng(seed, split, index, "record"), f"{split}-{index:05d}")
     turns = render_dialogue(meeting, style, _rng(seed, split, index, "dialogue"))
     task_rng = _rng(seed, split, index, "tasks")
     items = [Item(task, instruction(meeting, task, style, task_rng), reference(meeting, task))
              for task in sample_tasks(meeting, task_rng, instructions)]
-    return PlannedMeeting(split, index, style, meeting, turns, items)
+    return PlannedMeeting(split, index, style, voice_set, meeting, turns, items)
 
 
 def plan_corpus(seed: int, sizes: Sizes) -> dict[str, list[PlannedMeeting]]:
@@ -196,7 +211,7 @@ def _render_audio(planned: PlannedMeeting, folder: Path, seed: int) -> tuple[flo
     if wav.exists() and sidecar.exists():
         info = json.loads(sidecar.read_text())
         return info["duration"], [tuple(s) for s in info["segments"]]
-    voices = assign_voices(planned.meeting.participants, planned.style,
+    voices = assign_voices(planned.meeting.participants, planned.voice_set,
                            _rng(seed, planned.split, planned.index, "voices"))
     speech = render_speech(planned.turns, voices, _rng(seed, planned.split, planned.index, "audio"))
     _write_atomic(wav, lambda p: write_wav(p, speech.waveform))

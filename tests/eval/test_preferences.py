@@ -1,4 +1,4 @@
-"""data.preferences end to end: a tiny audio student samples two responses per recording, a
+"""eval.preferences end to end: a tiny audio student samples two responses per recording, a
 scripted judge on loopback compares them in both orders, ties / disagreements / unusable replies
 are dropped, pairs are written with the judge's reasons and train the DPO dataset; a SIGKILL
 mid-run and a resume that re-requests nothing already answered."""
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import preferences
+from eval import preferences
 from data.dataset import ManifestDataset
-from data.preferences import SamplingConfig, classify, repetition
+from eval.preferences import SamplingConfig, classify, repetition
 from eval.judge import OpenAIJudge
 from model import load_pretrained, save_pretrained
 from rollout.api_client import RetryPolicy
@@ -167,7 +167,7 @@ def test_sigkill_mid_run_then_resume_re_requests_nothing_already_answered(world,
 
     with StubServer(ScriptedJudge(on_request=kill_at_sixth)) as stub:  # the server stays up, the client dies
         child["process"] = subprocess.Popen(
-            [sys.executable, "-m", "data.preferences", "--checkpoint", str(checkpoint), "--manifest", str(manifest),
+            [sys.executable, "-m", "eval.preferences", "--checkpoint", str(checkpoint), "--manifest", str(manifest),
              "--judge", "stub-judge", "--out", str(out), "--base-url", stub.base_url, "--api-key-env", "",
              "--cache-dir", str(cache), "--concurrency", "1", "--batch-size", "2", "--max-new-tokens", "10",
              "--seed", "1", "--device", "cpu"],

@@ -6,7 +6,7 @@ e-mail), "list every X", questions about a part of the recording and length limi
 but the shifted test, which uses the disjoint "shifted" phrasings), (b) `facts`: the items of
 the record it asks for, each a tuple of atoms (key strings a correct answer states), (c) a
 format and an optional word limit (`spec`), and (d) a reference answer rendered from the
-record, the stand-in for the paper's GPT-4.1 references. The oracle judge (eval/oracle.py)
+record, the stand-in for the paper's GPT-4.1 references. The oracle judge (toy/oracle.py)
 reads (b) and (c) from here, so the references and the judge cannot drift apart.
 
     family        params                           facts                                format   words

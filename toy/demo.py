@@ -1,35 +1,37 @@
-"""`make demo`: the paper's three stages end to end on the toy world, on CPU (issue 10).
+"""`make demo`: the paper's three stages end to end on the toy world, on CPU.
 
-    python -m data.toy.demo [--quick] [--work runs/toy] [--out results/toy] [--pretrain]
+    python -m toy.demo [--quick] [--work runs/toy] [--out results/toy] [--pretrain]
 
 Every training and evaluation step runs the user's own entry points as subprocesses, with
 configs/toy/demo_*.toml (the A100 recipes in configs/phi4mm/ differ in sizes only):
 
-  corpus      data.toy.corpus.build_corpus (cached; --quick: the "quick" preset)
+  corpus      toy.corpus.build_corpus (cached; --quick: the "quick" preset)
   models      the pre-training-stage student, the text teacher and the tokenizer: the small
-              checkpoints shipped in data/toy/checkpoints/ (made by `make pretrain-toy`, which
-              runs data/toy/pretrain.py on the demo corpus), or built here with --pretrain
+              checkpoints shipped in toy/checkpoints/ (made by `make pretrain-toy`, which
+              runs toy/pretrain.py on the demo corpus), or built here with --pretrain
   sft         train.sft on sft.jsonl (references) from the student
   kd          train.kd on kd.jsonl (no references) from SFT, the text teacher local, full vocabulary
   kd_top20    ablation: the same with the teacher behind rollout.server on 127.0.0.1, read through
               the OpenAI-compatible top-20 logprob adapter (kd.teacher = openai:..., kd.top_k = 20)
   kd_weak     ablation: the same with the weak teacher, the student's own backbone in text mode
-  pairs       data.preferences on dpo.jsonl: two samples of the KD student per item, the oracle
-              judge (eval/oracle.py) picks, ties dropped
+  pairs       eval.preferences on dpo.jsonl: two samples of the KD student per item, the oracle
+              judge (toy/oracle.py) picks, ties dropped
   dpo         train.dpo on those pairs, the KD checkpoint as policy start and reference
   pairs_sft, dpo_sft
               ablation: the same from SFT, without KD (Table 3's "+ DPO")
-  eval        eval.run --judge oracle on test_in and test_shifted for every stage and ablation,
-              the teacher and the student backbone in text mode (`text:DIR`) included
+  eval        eval.run --judge oracle on validation and the three test splits (test_in, test_voices,
+              test_shifted) for every stage and ablation, the teacher and the student backbone in
+              text mode (`text:DIR`) included; frozen-encoder outputs are cached in WORK/encoder_cache
   report      OUT/REPORT.md, OUT/results.json, OUT/results.png (this module's `write_report`)
 
 A stage whose folder holds a `DONE` stamp is skipped, so a rerun reuses finished stages (and a
 killed training stage resumes from its last checkpoint, train/loop.py); eval runs every time,
 eval.run's own caches re-decoding only checkpoints that changed. WORK/run.json records the
 corpus, the models and the mode; a rerun with other inputs is refused (--fresh starts over). Progress: one line per
-stage on stdout plus the entry points' own output. Everything is decided before training: the
-oracle judge, the test splits and the hyper-parameters in the configs were fixed from training
-losses alone, never from test scores; the report states each claim's outcome as measured.
+stage on stdout plus the entry points' own output. Everything is decided before the final
+evaluation: the oracle judge, the splits and the hyper-parameters in the configs were fixed on
+training losses and the validation split, never on test scores (the test splits are read by the
+eval stage only); the report states each claim's outcome as measured.
 
 --quick (the test suite runs it, under 5 minutes on 2 cores) uses the quick corpus preset and a
 few steps per stage: it checks that the pipeline runs, not the claims; its report says so.
@@ -49,12 +51,13 @@ from pathlib import Path
 
 from model.safeio import atomic_write_text
 
-from .corpus import PRESETS, build_corpus
-from .report import RUN_FILE, write_report
+from .corpus import PRESETS, TEST_SPLITS, build_corpus
+from .report import RUN_FILE, VALIDATION, write_report
 
-ROOT = Path(__file__).resolve().parents[2]
-SHIPPED = ROOT / "data" / "toy" / "checkpoints"
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "toy" / "checkpoints"
 SERVER_START_SECONDS = 300
+EVAL_SPLITS = (VALIDATION, *TEST_SPLITS)  # eval.run's benchmark names, one manifest each in the corpus folder
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,13 @@ class Demo:
         config = ROOT / "configs" / "toy" / f"demo_{stage}.toml"
         self.call(f"train.{stage}", "--config", str(config), f'model.checkpoint="{start}"',
                   f'data.train=["{manifest}"]', f'run.out_dir="{folder}"',
-                  f'data.feature_cache="{self.work / "features"}"', *getattr(self.mode, stage), *overrides)
+                  f'data.feature_cache="{self.work / "features"}"', f'model.encoder_cache="{self.encoder_cache}"',
+                  *getattr(self.mode, stage), *overrides)
+
+    @property
+    def encoder_cache(self) -> Path:
+        """Frozen-encoder outputs per clip (model/encoder_cache.py), shared by training and eval."""
+        return self.work / "encoder_cache"
 
     # -- stages --------------------------------------------------------------------------------
 
@@ -169,7 +178,7 @@ class Demo:
 
     def preferences(self, folder: Path, start: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.call("data.preferences", "--checkpoint", str(start), "--manifest", str(self.corpus / "dpo.jsonl"),
+        self.call("eval.preferences", "--checkpoint", str(start), "--manifest", str(self.corpus / "dpo.jsonl"),
                   "--judge", "oracle", "--out", str(folder / "pairs.jsonl"), "--seed", "0", *self.mode.preferences)
 
     def dpo(self, folder: Path, start: Path, pairs: Path) -> None:
@@ -198,11 +207,12 @@ class Demo:
         }
 
     def evaluate(self, folder: Path) -> None:
+        """eval.run on validation and the three test splits, every checkpoint present."""
         present = {name: spec for name, spec in self.checkpoints().items()
                    if (Path(spec.removeprefix("text:")) / "config.json").exists()}
+        benchmarks = [f"{split}=jsonl:{self.corpus / f'{split}.jsonl'}" for split in EVAL_SPLITS]
         self.call("eval.run", "--checkpoint", *(f"{name}={spec}" for name, spec in present.items()),
-                  "--benchmark", f"test_in=jsonl:{self.corpus / 'test_in.jsonl'}",
-                  f"test_shifted=jsonl:{self.corpus / 'test_shifted.jsonl'}",
+                  "--benchmark", *benchmarks, "--encoder-cache", str(self.encoder_cache),
                   "--judge", "oracle", "--out", str(folder), "--batch-size", str(self.mode.eval_batch),
                   "--max-new-tokens", str(self.mode.max_new_tokens), "--device", "cpu")
 
@@ -234,16 +244,15 @@ def check_work_folder(work: Path, inputs: dict) -> None:
 
 
 def check_provenance(made: dict, corpus: dict, *, same_pretraining_split: bool = True) -> None:
-    """The shipped checkpoints were trained on one corpus (pretrain.json: `corpus_key`, here
-    corpus-facb0731bf3f, made before the demo preset grew its SFT/KD/DPO pools): its
-    `pretrain` split, the `teacher` rows of those meetings, the first 160 SFT meetings (the
-    teacher's text) and the text-only meetings, all of one seed and generator version. Meetings
-    are seeded per split and index, so a corpus with the same seed, generator version and
-    pre-training split holds those same meetings whatever the sizes of its other splits; the
-    demo checks that much (the quick run, whose pre-training split is smaller, only seed and
-    generator version). The tokenizer inside the checkpoints is theirs, trained on that
-    corpus's text, so a rebuild with `make pretrain-toy` on today's larger corpus is not
-    byte-identical."""
+    """The shipped checkpoints record the corpus they came from (pretrain.json: `corpus_key`,
+    seed, generator version, split sizes): they were trained on its `pretrain` split, the
+    `teacher` rows of those meetings, SFT references (the teacher's text) and the text-only
+    meetings. Meetings are seeded per split and index, so a corpus with the same seed,
+    generator version and pre-training split holds those same meetings whatever the sizes of
+    its other splits; the demo checks that much (the quick run, whose pre-training split is
+    smaller, only seed and generator version). The tokenizer inside the checkpoints is theirs,
+    trained on that corpus's text, so a rebuild with `make pretrain-toy` on a corpus of other
+    sizes is not byte-identical."""
     names = ("seed", "generator version", "pre-training meetings", "instructions per meeting")
     ours = (corpus["seed"], corpus["generator_version"], corpus["sizes"]["pretrain"], corpus["sizes"]["instructions"])
     theirs = (made.get("corpus_seed"), made.get("generator_version"), made.get("corpus_sizes", {}).get("pretrain"),
@@ -257,8 +266,8 @@ def check_provenance(made: dict, corpus: dict, *, same_pretraining_split: bool =
 
 def prepare_models(corpus: Path, work: Path, mode: Mode, pretrain: bool, python: str) -> Path:
     """The shipped pre-training-stage checkpoints (`check_provenance`), or (with --pretrain, or
-    when none are shipped) checkpoints built here by data/toy/pretrain.py (--quick: a few steps;
-    otherwise about 80 CPU-minutes, see its docstring). The quick run reuses the shipped ones on
+    when none are shipped) checkpoints built here by toy/pretrain.py (--quick: a few steps;
+    otherwise a few CPU-hours, see toy/checkpoints/README.md). The quick run reuses the shipped ones on
     its smaller corpus of the same world (same names, phrasings and voices)."""
     provenance = SHIPPED / "pretrain.json"
     if not pretrain and provenance.exists():
@@ -268,10 +277,10 @@ def prepare_models(corpus: Path, work: Path, mode: Mode, pretrain: bool, python:
     target = work / "models"
     if (target / "DONE").exists():
         return target
-    print(f"[demo] models: building with data.toy.pretrain{' --quick' if mode.quick else ''} "
+    print(f"[demo] models: building with toy.pretrain{' --quick' if mode.quick else ''} "
           f"(no shipped checkpoints in {SHIPPED}, or --pretrain)", flush=True)
-    command = [python, "-m", "data.toy.pretrain", "--corpus", str(corpus), "--out", str(target),
-               "--feature-cache", str(work / "features")]
+    command = [python, "-m", "toy.pretrain", "--corpus", str(corpus), "--out", str(target),
+               "--work", str(work / "pretrain_work")]
     if mode.quick:
         command.append("--quick")
     if subprocess.run(command, cwd=ROOT).returncode != 0:

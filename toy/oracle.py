@@ -5,9 +5,9 @@
     judge.prefer(source, instruction, a, b)     # "a" | "b" | "tie"
 
 It stands in for GPT-4.1 in both of its roles in the paper: the evaluation judge (section 3.4)
-and the DPO preference judge (section 2.3; ties are dropped by data/preferences.py). It
+and the DPO preference judge (section 2.3; ties are dropped by eval/preferences.py). It
 implements `eval.judge.Judge`. `source` is the manifest field `judge_source` of the toy world
-(data/toy/corpus.py): a JSON object {"meeting": <record>, "task": {"family", "params"}}. The
+(toy/corpus.py): a JSON object {"meeting": <record>, "task": {"family", "params"}}. The
 instruction text is not read: the task's family and parameters are in `source`, so the judge
 does not depend on the phrasing (the shifted test split phrases instructions differently).
 
@@ -16,14 +16,14 @@ every other non-alphanumeric character a space, a leading "the" dropped from ato
 entities, and an atom is mentioned when it occurs as a whole-word phrase.
 
 Terms (all in [0, 1]):
-  facts      F = data.toy.tasks.facts(record, task): the record's items the instruction asks
+  facts      F = toy.tasks.facts(record, task): the record's items the instruction asks
              for; each item is a tuple of atoms (an action item: owner, task, deadline).
   recall     R = mean over F of (atoms of the item mentioned / atoms of the item); 1 if F is empty.
-  entities   E = the entities of the toy universe (data.toy.world.ENTITY_POOLS: names, topics,
+  entities   E = the entities of the toy universe (toy.world.ENTITY_POOLS: names, topics,
              decisions, tasks, weekdays, months, cities) and digit runs found in the summary,
              distinct; E_bad = those that do not occur in the meeting (hallucinations).
   precision  P = 1 - |E_bad| / |E|; 1 if E is empty.
-  format     C = compliance with data.toy.tasks.spec(task).format:
+  format     C = compliance with toy.tasks.spec(task).format:
                prose:   0 if the summary is JSON, 0.5 if it has bullet lines, else 1;
                bullets: the fraction of non-empty lines that are bullets ("-", "*", "•", "1." or "1)");
                json:    the fraction of the asked keys present in the parsed JSON object
@@ -42,7 +42,7 @@ Terms (all in [0, 1]):
   adherence = clip(1 + 6 C - L, 1, 7), rounded to 0.01;
   an empty (blank) summary scores overall 1, adherence 1, hallucination 0.
 
-So the reference (data.toy.tasks.reference: every fact, the asked format, nothing invented, no
+So the reference (toy.tasks.reference: every fact, the asked format, nothing invented, no
 repeated 4-gram) scores exactly 7; a wrong format costs up to 3 points, a hallucinated entity at
 least 1, heavy repetition up to 3. Preferences compare `overall`; equal scores are a "tie".
 Deterministic: no randomness, no state.
@@ -54,9 +54,10 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from data.toy.tasks import Spec, Task, facts, spec
-from data.toy.world import ENTITY_POOLS, Meeting
 from eval.judge import JudgeScore, Preference
+
+from .tasks import Spec, Task, facts, spec
+from .world import ENTITY_POOLS, Meeting
 
 BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+")
 GREETING = re.compile(r"^\s*(hi|hello|dear|hey|good morning|good afternoon)\b", re.IGNORECASE)
@@ -112,7 +113,7 @@ def parse_source(source: str) -> tuple[Meeting, Task]:
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
             "OracleJudge needs the toy world's judge_source: a JSON object {\"meeting\": ..., \"task\": ...} "
-            f"(the manifest field judge_source written by data.toy.corpus); got {source[:80]!r}: {error}"
+            f"(the manifest field judge_source written by toy.corpus); got {source[:80]!r}: {error}"
         ) from error
 
 
@@ -211,7 +212,7 @@ class OracleJudge:
         return "tie" if score_a == score_b else ("a" if score_a > score_b else "b")
 
     def prefer_many(self, items) -> list[Preference]:
-        """`OpenAIJudge.prefer_many`'s form for data.preferences: the oracle has no position bias,
+        """`OpenAIJudge.prefer_many`'s form for eval.preferences: the oracle has no position bias,
         so both orders give the same verdict (ties stay ties)."""
         out = []
         for source, instruction, a, b in items:

@@ -1,7 +1,7 @@
 """Meeting records of the toy world: what was said, as structured data (the ground truth).
 
-A `Meeting` is the record a spoken meeting is rendered from (data/toy/dialogue.py) and that the
-oracle judge (eval/oracle.py) scores summaries against: participants, agenda topics, and per
+A `Meeting` is the record a spoken meeting is rendered from (toy/dialogue.py) and that the
+oracle judge (toy/oracle.py) scores summaries against: participants, agenda topics, and per
 topic one decision, at most one figure and at most one action item (owner, task, deadline),
 plus one line of small talk. Everything is drawn from the closed pools below, so the set of
 entities a summary could name is known: `ENTITY_POOLS` is the universe the oracle uses to spot
