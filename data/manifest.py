@@ -8,7 +8,11 @@ One recording (or one segment of it) per line:
 
 - `audio_filepath` (required): relative to the manifest's folder, or absolute.
 - `duration` (required): seconds of audio to use, starting at `offset`. Batch planning reads it
-  (data/dataset.py), so planning never opens an audio file.
+  (data/dataset.py), so planning never opens an audio file. `null` means "to the end of the
+  file": it is read from the audio file's header when the manifest is read (`data.audio.probe`;
+  the samples are not decoded), as the file's length minus `offset`, and the entry carries that
+  number from then on (pipelines write it back). A line with other errors is not probed; an
+  unreadable header is an error of that line.
 - `offset` (default 0): seconds to skip at the start of the file.
 - `id` (default: `audio_filepath` as written, with `@offset` when the offset is non-zero, and
   `#2`, `#3`, ... on later lines of the same segment, e.g. several instructions per recording):
@@ -17,6 +21,11 @@ One recording (or one segment of it) per line:
 - `lang`, `transcript`, `instruction`, `summary`: strings. When present they must not be blank.
   Which of them a stage needs is the caller's `require=` (SFT: instruction + summary; data.synth:
   transcript; KD: instruction + transcript; DPO pools: instruction + transcript).
+- NeMo's names are read as aliases: `text` (ASR manifests) for `transcript`, `context` and
+  `answer` (SpeechLLM manifests) for `instruction` and `summary`. An alias is used when its
+  field is absent or null; when both are present and differ, the field wins and the line gets
+  a warning naming the alias (FILE:LINE). Aliases are consumed: they are not kept in `extra`,
+  and rows written back carry the project's names.
 - Any other key is kept in `ManifestEntry.extra` and written back by the pipelines.
 
 Validation never stops at the first problem: `read_manifest` returns the good entries and an
@@ -31,7 +40,7 @@ with severity "warning"). Audio files themselves are checked by `data.check` (he
 samples with --decode) and when the dataset loads them.
 
 This module needs only the standard library, so `python -m data.check --no-audio` starts
-without torch.
+without torch; only a null `duration` imports data/audio.py (soundfile, torch) to read a header.
 """
 from __future__ import annotations
 
@@ -43,7 +52,8 @@ from typing import Any, Iterable
 
 REQUIRED_FIELDS = ("audio_filepath", "duration")
 TEXT_FIELDS = ("lang", "transcript", "instruction", "summary")
-KNOWN_FIELDS = (*REQUIRED_FIELDS, "offset", "id", *TEXT_FIELDS)
+ALIASES = {"text": "transcript", "context": "instruction", "answer": "summary"}  # NeMo's name -> ours
+KNOWN_FIELDS = (*REQUIRED_FIELDS, "offset", "id", *TEXT_FIELDS, *ALIASES)
 ON_TOO_LONG = ("error", "truncate")
 _IMPLICIT_ID = "\0implicit-id"  # marks an id derived from the path until read_manifest makes it unique
 
@@ -232,7 +242,20 @@ def _parse_line(line_bytes: bytes, file: str, line: int, folder: Path, required,
         problem(None, f"expected a JSON object, got {_json_type(row)}; each line must be one JSON object")
         return None
 
+    source = {name: name for name in TEXT_FIELDS}  # the key each text field is read from
+    for alias, name in ALIASES.items():
+        if row.get(alias) is None:
+            continue
+        if row.get(name) is None:
+            row[name], source[name] = row[alias], alias
+        elif row[alias] != row[name]:
+            problem(alias, f"NeMo's name for '{name}', which this line also has with another value; '{name}' is "
+                           f"used and '{alias}' is ignored: remove one of them", "warning")
+
+    duration_from_header = "duration" in row and row["duration"] is None
     for name in REQUIRED_FIELDS + tuple(required):
+        if name == "duration" and duration_from_header:
+            continue
         if name not in row or row[name] is None:
             problem(name, "missing; every line needs it" if name in REQUIRED_FIELDS
                     else "missing; this step needs it on every line")
@@ -274,16 +297,29 @@ def _parse_line(line_bytes: bytes, file: str, line: int, folder: Path, required,
         if value is None:
             continue
         if not isinstance(value, str):
-            problem(name, f"expected a string, got {_shown(value)}")
+            problem(source[name], f"expected a string, got {_shown(value)}")
         elif not value.strip():
-            problem(name, "is empty; write it, or leave the field out")
+            problem(source[name], "is empty; write it, or leave the field out")
         else:
             texts[name] = value
 
-    if audio_filepath is None or duration is None or any(issue.severity == "error" for issue in issues):
+    if audio_filepath is None or (duration is None and not duration_from_header) or any(
+            issue.severity == "error" for issue in issues):
         return None
     offset = offset or 0.0
     path = Path(audio_filepath)
+    if duration_from_header:
+        duration = _duration_from_header(path if path.is_absolute() else folder / path, offset, problem)
+        if duration is None:
+            return None
+        if max_duration is not None and duration > max_duration:
+            if on_too_long == "error":
+                problem("duration", f"null, and the file holds {duration:g} s after the offset, longer than the limit "
+                                    f"of {max_duration:g} s; split the recording (offset/duration) or raise the limit "
+                                    "(max_duration)")
+                return None
+            problem("duration", f"null, and the file holds {duration:g} s after the offset, longer than the limit of "
+                                f"{max_duration:g} s; only the first {max_duration:g} s will be used", "warning")
     extra = {k: v for k, v in row.items() if k not in KNOWN_FIELDS}
     if entry_id is None:
         entry_id = audio_filepath if offset == 0 else f"{audio_filepath}@{offset:g}"
@@ -299,6 +335,27 @@ def _parse_line(line_bytes: bytes, file: str, line: int, folder: Path, required,
         line=line,
         **texts,
     )
+
+
+def _duration_from_header(path: Path, offset: float, problem) -> float | None:
+    """The seconds of `path` after `offset`, from its header (a null `duration`); None after a problem."""
+    try:
+        from .audio import AudioError, probe
+    except ImportError as error:
+        problem("duration", f"null, and reading it from the audio header needs {error.name or 'data.audio'}, which "
+                            f"cannot be imported ({error}); install it, or write the duration in seconds")
+        return None
+    try:
+        info = probe(path)
+    except AudioError as error:
+        problem(error.field, f"{error} ('duration' is null, so it is read from this file's header)")
+        return None
+    seconds = info.duration - offset
+    if seconds <= 0:
+        problem("offset", f"{offset:g} s is at or past the end of the file, which is {info.duration:g} s long "
+                          "('duration' is null, so the rest of the file was asked for); fix the offset")
+        return None
+    return seconds
 
 
 def _number(row: dict, name: str, problem, *, positive: bool) -> float | None:

@@ -1,6 +1,7 @@
 """Synthetic SFT data from transcripts with a strong text LLM (paper section 2.1).
 
-    python -m data.synth --manifest in.jsonl --out out.jsonl --llm gpt-4.1 [--base-url URL]
+    python -m data.synth --manifest in.jsonl --out out.jsonl --llm gpt-4.1 [--base-url URL] \
+        [--propose-temperature 1.0|none] [--summary-temperature 0.3|none] [--max-tokens 4096|none]
 
 For each recording with a transcript:
   1. the LLM proposes `--candidates` (default 8) summarization queries as JSON, each with a
@@ -36,6 +37,15 @@ request the server refuses (HTTP 4xx, e.g. an unknown model) stops it at once.
 At the end the statistics over the whole output (resumed rows included) are printed and
 returned (`run`): acceptance rate of proposed queries, the style mix of the chosen queries,
 summary lengths in words, and the client's usage.
+
+Request parameters: the proposal is sampled at `--propose-temperature` (default 1.0: varied
+queries), the summary at `--summary-temperature` (default 0.3: close to the transcript);
+`none` sends no temperature, as reasoning models (o-series, GPT-5) require, which accept only
+their default. `--max-tokens` (default 4096) is sent as `max_completion_tokens` (it bounds a
+reasoning model's hidden reasoning too); `none` sends no limit. These parameters are part of
+every request and so of its cache key: a changed value asks again instead of reusing a cached
+reply. A classic Azure OpenAI deployment is reached with `--azure-api-version` /
+`--azure-deployment` or a base URL with `?api-version=` (rollout/api_client.py).
 """
 from __future__ import annotations
 
@@ -54,7 +64,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from rollout.api_client import (ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError,
-                                add_client_arguments, client_options)
+                                add_client_arguments, check_generation, client_options, generation_params,
+                                optional_max_tokens, optional_temperature)
 
 from .manifest import DataError, ManifestEntry, read_manifest
 
@@ -123,14 +134,16 @@ class SynthConfig:
     candidates: int = DEFAULT_CANDIDATES
     queries_per_recording: int = 1
     seed: int = 0
-    propose_temperature: float = 1.0
-    summary_temperature: float = 0.3
-    max_tokens: int = 4096
+    propose_temperature: float | None = 1.0  # None: not sent (reasoning models)
+    summary_temperature: float | None = 0.3
+    max_tokens: int | None = 4096  # sent as max_completion_tokens; None: not sent
     max_failures: int = 20
 
     def __post_init__(self) -> None:
         if self.candidates < 1 or self.queries_per_recording < 1:
             raise ValueError("candidates and queries_per_recording must be >= 1")
+        check_generation(self.propose_temperature, None, "the proposal's")
+        check_generation(self.summary_temperature, self.max_tokens, "the summary's")
         if not 1 <= self.threshold <= 10:
             raise ValueError(f"threshold must lie in [1, 10] (importance scores are 1-10), got {self.threshold}")
 
@@ -232,8 +245,8 @@ class Synthesizer:
                                        recording_id=entry.id)
         return [(candidate, self.summarize(entry.transcript, candidate.query)) for candidate in chosen], proposal
 
-    def _request(self, system: str, user: str, temperature: float, kind: str, extract) -> ApiRequest:
-        params = {"model": self.config.model, "temperature": temperature, "max_tokens": self.config.max_tokens,
+    def _request(self, system: str, user: str, temperature: float | None, kind: str, extract) -> ApiRequest:
+        params = {"model": self.config.model, **generation_params(temperature, self.config.max_tokens),
                   "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
         return ApiRequest("chat.completions", params, extract, cache_tag={"synth": kind, "version": PROMPT_VERSION})
 
@@ -460,13 +473,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries-per-recording", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-failures", type=int, default=20)
+    parser.add_argument("--propose-temperature", type=optional_temperature, default=1.0, metavar="T|none",
+                        help="temperature of the query proposals (default 1.0); none sends none (reasoning models)")
+    parser.add_argument("--summary-temperature", type=optional_temperature, default=0.3, metavar="T|none",
+                        help="temperature of the reference summaries (default 0.3); none sends none")
+    parser.add_argument("--max-tokens", type=optional_max_tokens, default=4096, metavar="N|none",
+                        help="reply limit of each request, sent as max_completion_tokens (default 4096); "
+                             "none sends no limit")
     parser.add_argument("--strict", action="store_true", help="stop on an invalid manifest line")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = SynthConfig(args.llm, threshold=args.threshold, candidates=args.candidates,
                              queries_per_recording=args.queries_per_recording, seed=args.seed,
-                             max_failures=args.max_failures)
+                             max_failures=args.max_failures, propose_temperature=args.propose_temperature,
+                             summary_temperature=args.summary_temperature, max_tokens=args.max_tokens)
         client = ApiClient(args.base_url, **client_options(args, f"{args.out}.cache"))
         stats = run(args.manifest, args.out, client, config, strict=args.strict)
     except (ApiError, ValueError, OSError) as error:

@@ -24,6 +24,19 @@ returned, never guessed at, and counted (`OpenAIJudge.invalid_replies`), so an e
 report how many judgments it dropped. Replies are not re-asked: with temperature 0 the same
 request gives the same reply (and is cached).
 
+Request parameters. `temperature` (default 0, the paper's deterministic judge) is not sent
+when None: reasoning models (o-series, GPT-5) accept only their default and answer HTTP 400 to
+any explicit value. `max_tokens` (default 512) is sent as `max_completion_tokens`, the field
+reasoning models require (OpenAI-compatible servers such as vLLM and rollout.server accept it
+too); for a reasoning model it also bounds the hidden reasoning, so give it a few thousand
+tokens, or None to send no limit. `json_mode` sends response_format {"type": "json_object"}.
+On the command line of eval.run and eval.preferences these are `--judge-temperature` (a number
+or `none`), `--judge-max-tokens` (an integer or `none`) and `--judge-json-mode`
+(`add_judge_arguments`, `judge_request_options`). `config()` records them under the names
+temperature, max_tokens and json_mode; eval.run keys its stored judgements on that config, so
+a judge with another temperature, limit or JSON mode judges again instead of reusing them, and
+the response cache's key holds the request parameters themselves.
+
 Pairwise preference is judged in both orders, (a, b) and (b, a), to cancel position bias
 (as MT-Bench does); the answer is a winner only when both orders agree, and "tie" otherwise,
 including when either reply is unusable. DPO drops ties (paper section 2.3).
@@ -41,7 +54,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-from rollout.api_client import ApiClient, ApiRequest, MalformedResponseError
+from rollout.api_client import (ApiClient, ApiRequest, MalformedResponseError, check_generation,
+                                generation_params, optional_max_tokens, optional_temperature)
 
 SCORE_SYSTEM = (
     "You are a meticulous evaluator of summaries of spoken recordings such as meetings, lectures and "
@@ -268,15 +282,18 @@ class OpenAIJudge:
     """The rubric judge over `/v1/chat/completions` of any OpenAI-compatible endpoint.
 
     `model` e.g. "gpt-4.1" (the paper's judge); `api_key_env` names the environment variable with
-    the key (None: no auth). `json_mode` sends response_format {"type": "json_object"} (OpenAI
-    and vLLM support it; parsing does not need it). Other keyword arguments go to ApiClient
-    (cache_dir, max_concurrency, timeout_s, retry, seed, sleep).
+    the key (None: no auth). `temperature` None is not sent; `max_tokens` is sent as
+    `max_completion_tokens` (None: not sent). `json_mode` sends response_format
+    {"type": "json_object"} (OpenAI and vLLM support it; parsing does not need it). Other keyword
+    arguments go to ApiClient (cache_dir, max_concurrency, timeout_s, retry, seed, sleep,
+    azure_api_version, azure_deployment).
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
-                 temperature: float = 0.0, max_tokens: int = 512, json_mode: bool = False,
+                 temperature: float | None = 0.0, max_tokens: int | None = 512, json_mode: bool = False,
                  score_template: str = SCORE_TEMPLATE, prefer_template: str = PREFER_TEMPLATE,
                  **client_options: Any):
+        check_generation(temperature, max_tokens, "the judge's")
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
@@ -341,8 +358,7 @@ class OpenAIJudge:
         params: dict[str, Any] = {
             "model": self.model,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
+            **generation_params(self.temperature, self.max_tokens),
         }
         if self.json_mode:
             params["response_format"] = {"type": "json_object"}
@@ -351,3 +367,25 @@ class OpenAIJudge:
     def _count_invalid(self, count: int) -> None:
         with self._invalid_lock:
             self.invalid_replies += count
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def add_judge_arguments(parser) -> None:
+    """`--judge-temperature`, `--judge-max-tokens`, `--judge-json-mode` (see the module docstring)."""
+    group = parser.add_argument_group("judge requests")
+    group.add_argument("--judge-temperature", type=optional_temperature, default=0.0, metavar="T|none",
+                       help="the judge's temperature (default 0); none sends none (reasoning models: o-series, GPT-5)")
+    group.add_argument("--judge-max-tokens", type=optional_max_tokens, default=512, metavar="N|none",
+                       help="the judge's reply limit, sent as max_completion_tokens (default 512; a reasoning "
+                            "model's hidden reasoning counts too: give it thousands); none sends no limit")
+    group.add_argument("--judge-json-mode", action="store_true",
+                       help='ask for response_format {"type": "json_object"}')
+
+
+def judge_request_options(args) -> dict[str, Any]:
+    """OpenAIJudge keyword arguments from `add_judge_arguments`' options."""
+    return {"temperature": args.judge_temperature, "max_tokens": args.judge_max_tokens,
+            "json_mode": args.judge_json_mode}

@@ -1,7 +1,9 @@
 """DPO preference pairs from the student's own samples and a pairwise LLM judge (paper section 2.3).
 
     python -m eval.preferences --checkpoint DIR --manifest in.jsonl --judge gpt-4.1 --out pairs.jsonl \
-        [--base-url URL] [--api-key-env NAME] [--batch-size 4] [--max-new-tokens 512] [--temperature 1.0]
+        [--base-url URL] [--api-key-env NAME] [--batch-size 4] [--max-new-tokens 512] [--temperature 1.0] \
+        [--judge-temperature 0|none] [--judge-max-tokens 512|none] [--judge-json-mode] \
+        [--azure-api-version V] [--azure-deployment NAME]
 
 For each manifest row (audio, instruction, transcript):
   1. the student (the KD checkpoint) samples two responses to (audio, instruction):
@@ -16,12 +18,31 @@ For each manifest row (audio, instruction, transcript):
      winners drop it ("disagreement"), an unusable reply drops it ("invalid").
 Kept pairs go to `--out`: the recording's manifest fields (`audio_filepath` relative to the
 output's folder, `duration`, `offset`, `id`, `lang`, `transcript`, `instruction`), then
-`chosen` / `rejected` (texts), `chosen_token_ids` / `rejected_token_ids` (the sampled ids, EOS
-included when the sample stopped; what DPO should score), `chosen_finished` /
+`prompt` (see below), `chosen` / `rejected` (texts), `chosen_token_ids` / `rejected_token_ids`
+(the sampled ids, EOS included when the sample stopped; what DPO should score), `chosen_finished` /
 `rejected_finished` (the sample ended with an EOS rather than at --max-new-tokens), `judge`
 (model, and per order the responses as shown, the verdict and the judge's explanation) and
 `sampling`. The file is a manifest that `data.dataset.ManifestDataset(task="pairs")` trains on.
+
+TRL's preference format. `prompt`, `chosen` and `rejected` are also the three fields of TRL's
+standard (not conversational) preference rows, with an explicit prompt: without `prompt`, TRL
+would silently take the common prefix of the two answers as the prompt. `prompt` is the
+instruction text exactly as the student was given it: no chat template, no audio placeholder
+tokens, no transcript (the student hears the audio, it does not read a transcript). The audio
+stays in its own fields, `audio_filepath` (relative to the pairs file's folder), `offset` and
+`duration`, for a trainer that feeds it; a text-only trainer that wants the transcript builds
+its prompt from `transcript`. `chosen` / `rejected` are the completions alone, as TRL's
+explicit-prompt rows have them; they and the token ids that this project's DPO reads are the
+same as without the `prompt` field.
+
 Dropped recordings go to `{out}.dropped.jsonl` with the reason, both texts and the verdicts.
+
+The judge's requests: `--judge-temperature` (default 0; `none` sends none, as reasoning models
+require), `--judge-max-tokens` (default 512, sent as max_completion_tokens; `none` sends no
+limit), `--judge-json-mode` (eval/judge.py). `--temperature` is the student's sampling
+temperature, not the judge's. A classic Azure OpenAI deployment is reached with
+`--azure-api-version` / `--azure-deployment` or a base URL with `?api-version=`
+(rollout/api_client.py).
 
 Resumable: both files are append-only, fsync'ed per batch and repaired on start (a torn last
 line is removed); recordings in either file are skipped. Judge requests go through the shared
@@ -53,6 +74,7 @@ from data.batching import collate
 from data.dataset import ManifestDataset
 from data.manifest import DataError, ManifestEntry, read_manifest
 from data.synth import append_rows, read_rows
+from eval.judge import add_judge_arguments, judge_request_options
 from rollout.api_client import ApiError, add_client_arguments, client_options
 
 logger = logging.getLogger(__name__)
@@ -122,6 +144,7 @@ def pair_row(entry: ManifestEntry, chosen: Sample, rejected: Sample, winner: str
     shown = (["chosen", "rejected"], ["rejected", "chosen"]) if winner == "a" else (["rejected", "chosen"],
                                                                                     ["chosen", "rejected"])
     row.update({
+        "prompt": entry.instruction,  # TRL's explicit prompt (module docstring)
         "chosen": chosen.text, "rejected": rejected.text,
         "chosen_token_ids": chosen.token_ids, "rejected_token_ids": rejected.token_ids,
         "chosen_finished": chosen.finished, "rejected_finished": rejected.finished,
@@ -273,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the judge's model name, e.g. gpt-4.1, or 'oracle' (the toy world's judge)")
     parser.add_argument("--out", required=True, help="pairs file (JSON lines), appended to and resumed")
     add_client_arguments(parser)
+    add_judge_arguments(parser)
     parser.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=4, help="recordings sampled together")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -300,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             judge = OracleJudge()
         else:
-            judge = OpenAIJudge(args.base_url, args.judge, **client_options(args, f"{args.out}.cache"))
+            judge = OpenAIJudge(args.base_url, args.judge, **client_options(args, f"{args.out}.cache"),
+                                **judge_request_options(args))
         config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
         run(args.manifest, args.out, model, tokenizer, judge, config, strict=args.strict,

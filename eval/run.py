@@ -545,6 +545,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the judge's API key ('' for none)")
     parser.add_argument("--judge-concurrency", type=int, default=8)
+    parser.add_argument("--judge-azure-api-version", default=None,
+                        help="a classic Azure OpenAI deployment's api-version (e.g. 2024-10-21), with --judge-base-url "
+                             "https://X.openai.azure.com; or put ?api-version= in --judge-base-url")
+    parser.add_argument("--judge-azure-deployment", default=None,
+                        help="the classic Azure deployment's name (default: the judge's model name)")
+    from .judge import add_judge_arguments, judge_request_options
+
+    add_judge_arguments(parser)  # --judge-temperature, --judge-max-tokens, --judge-json-mode
     parser.add_argument("--out", required=True, help="output folder (caches, samples, tables); reused to resume")
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -565,8 +573,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         checkpoints = _named(args.checkpoint, "checkpoint", lambda d: Path(d.removeprefix(TEXT_MODE)).resolve().name)
         benchmarks = _named(args.benchmark, "benchmark", _benchmark_default_name)
-        judge = make_judge(args.judge, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env,
-                           cache_dir=Path(args.out) / "judge_cache", max_concurrency=args.judge_concurrency)
+        judge_kind, _, judge_model = args.judge.partition(":")
+        if judge_kind == "openai" and judge_model:  # built here: make_judge takes no request or Azure options
+            from .judge import OpenAIJudge
+
+            try:
+                judge = OpenAIJudge(args.judge_base_url, judge_model, api_key_env=args.judge_api_key_env or None,
+                                    cache_dir=Path(args.out) / "judge_cache", max_concurrency=args.judge_concurrency,
+                                    azure_api_version=args.judge_azure_api_version or None,
+                                    azure_deployment=args.judge_azure_deployment or None,
+                                    **judge_request_options(args))
+            except ValueError as error:  # no key in the environment, a malformed Azure URL: one line, no traceback
+                raise EvalError(f"--judge {args.judge}: {error}") from None
+        else:
+            judge = make_judge(args.judge, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env,
+                               cache_dir=Path(args.out) / "judge_cache", max_concurrency=args.judge_concurrency)
         results = evaluate(checkpoints, benchmarks, judge, args.out, max_new_tokens=args.max_new_tokens,
                            batch_size=args.batch_size, device=args.device,
                            dtype=getattr(torch, args.dtype) if args.dtype else None,

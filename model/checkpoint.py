@@ -16,7 +16,10 @@ The speech LoRA of the original layout is merged as W + (alpha / r) B A when
 (the image tower, the vision LoRA, the vision-speech projector) are skipped by design: this
 project is speech-only. Every other key must map onto the model: a missing, unexpected or
 mis-shaped tensor is an error naming the key and its file. Weights are read with safetensors
-only; nothing is ever unpickled.
+only; nothing is ever unpickled. A weights file safetensors refuses (truncated by an interrupted
+download, a header length past the end of the file, not safetensors at all) is a CheckpointError
+naming the file, comparing the size its header promises with the size on disk, and saying to
+re-download or re-export it; safetensors' own error is kept only as a last resort detail.
 
 `save_pretrained` writes the transformers-native layout (so transformers can read the
 weights) with a config.json that also carries this project's exact config under "speechsum",
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import SpeechLMConfig, from_hf_config
 from .lora import apply_lora, lora_modules
@@ -40,6 +43,7 @@ from .safeio import atomic_save_safetensors, atomic_write_text
 from .speech_lm import SpeechLM
 
 INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers
 AUDIO = "model.embed_tokens_extend.audio_embed."
 
 # Keys of the reference model this project does not implement (vision).
@@ -148,9 +152,41 @@ def checkpoint_files(path: Path) -> dict[str, list[str]]:
                               "checkpoints are read (never pickled .bin files)")
     files = {}
     for name in found:
-        with safe_open(str(path / name), framework="pt") as handle:
+        with open_weights(path / name) as handle:
             files[name] = list(handle.keys())
     return files
+
+
+def open_weights(file: Path):
+    """safe_open on the CPU; a file safetensors refuses is a CheckpointError that names it."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise CheckpointError(f"{file}: {safetensors_damage(file, err)}; re-download or re-export "
+                              "the checkpoint") from None
+
+
+def safetensors_damage(file: Path, err: Exception) -> str:
+    """Why safetensors refused `file`, in words: the size its header promises against the size on disk."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"truncated or not a safetensors file: {size} bytes, too short for the 8-byte header length"
+        header_bytes = int.from_bytes(head, "little")
+        if header_bytes > MAX_HEADER_BYTES or 8 + header_bytes > size:
+            return (f"truncated or not a safetensors file: its header says at least {8 + header_bytes} bytes, "
+                    f"the file has {size}")
+        try:
+            header = json.loads(handle.read(header_bytes))
+            data_bytes = max((int(entry["data_offsets"][1]) for key, entry in header.items()
+                              if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"not a safetensors file: its header is not a safetensors header ({err})"
+    if 8 + header_bytes + data_bytes != size:
+        return (f"truncated or not a safetensors file: its header says {8 + header_bytes + data_bytes} bytes, "
+                f"the file has {size}")
+    return f"not a readable safetensors file ({err})"
 
 
 def read_config(path: Path) -> SpeechLMConfig:
@@ -187,7 +223,7 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, merg
     lora: dict[str, dict[str, torch.Tensor]] = {}  # module (native name) -> {"A": ..., "B": ...}
     unexpected: list[str] = []
     for file, keys in checkpoint_files(path).items():
-        with safe_open(str(path / file), framework="pt", device="cpu") as handle:
+        with open_weights(path / file) as handle:
             for key in keys:
                 kind, ours = classify_key(key)
                 if kind == "skip":

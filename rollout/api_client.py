@@ -6,6 +6,21 @@ HTTP itself is the `openai` Python client, built as
 `openai.OpenAI(base_url=..., api_key=..., max_retries=0, timeout=...)`: the client's own
 retries are off, so that the policy below is the only one, shared and testable.
 
+Azure OpenAI. Its v1 endpoint (`https://X.openai.azure.com/openai/v1`) is an ordinary
+OpenAI-compatible base URL. A classic deployment is addressed as
+`{resource}/openai/deployments/{name}/chat/completions?api-version={version}` with the key in
+an `api-key` header; for it the client is `openai.AzureOpenAI(azure_endpoint=resource,
+azure_deployment=name, api_version=version, ...)`, which builds exactly that. It is chosen when
+an api-version is known, given either as options (`azure_api_version`, `azure_deployment`; on
+the command line `--azure-api-version`, `--azure-deployment`) or in the base URL, in the form
+the Azure portal shows: `https://X.openai.azure.com/openai/deployments/NAME?api-version=V`
+(a trailing `/chat/completions` or `/completions` before the `?` is accepted too). An option
+and the URL that disagree are an error, as is any other query parameter in a base URL (the
+`openai` client would paste the endpoint's path after the query). Without a deployment
+(`https://X.openai.azure.com?api-version=V`) each request's `model` names the deployment.
+The key comes from `api_key_env` as for any server (e.g. `--api-key-env AZURE_OPENAI_API_KEY`);
+Entra ID tokens are not supported.
+
     client = ApiClient("http://127.0.0.1:8000/v1", api_key_env=None, cache_dir="runs/teacher_cache")
     value = client.call(ApiRequest("completions", {"model": "m", "prompt": [1, 2, 3]}, extract=my_extract))
 
@@ -20,10 +35,14 @@ caller's mistake and raise `EndpointError` at once, with the server's message.
 
 Cache (`ResponseCache`): content-addressed, one JSON file per entry. The key is the sha256 of
 the canonical JSON (sorted keys, no whitespace) of {base_url without credentials or query,
-endpoint, request parameters, the caller's `cache_tag`}; the parameters never contain the API
-key (it travels in a header that is not part of the key). What is stored is the value
-`extract` returned, not the raw body: a teacher keeps only the response positions of a
-10k-token transcript prompt. `cache_tag` names what `extract` keeps (e.g. the prompt length),
+endpoint, request parameters, the caller's `cache_tag`}, plus the api-version for Azure; the
+parameters never contain the API key (it travels in a header that is not part of the key).
+For a classic Azure deployment the base URL of the key is `{resource}/openai/deployments/{name}`
+whichever way it was given, because the deployment, not the request's `model`, picks the
+model. Every request parameter is part of the key, so a changed temperature or token limit
+(or a renamed field: `max_tokens` became `max_completion_tokens`) never reuses a reply.
+What is stored is the value `extract` returned, not the raw body: a teacher keeps only the
+response positions of a 10k-token transcript prompt. `cache_tag` names what `extract` keeps (e.g. the prompt length),
 so two extractions of one request never share an entry. Each entry is written to a unique
 temporary file in the same directory, flushed, fsync'ed and renamed over
 `{dir}/{key[:2]}/{key}.json` (rename is atomic on POSIX), so a process killed at any moment
@@ -46,14 +65,24 @@ client: it is not an attribute of ApiClient, not in `repr`, `config()`, logs, ca
 cache files, and any server message that echoes it is redacted before it is logged or raised.
 `api_key_env=None` is for servers without authentication (a local vLLM or `rollout.server`):
 the openai client then sends the placeholder key "EMPTY".
+
+Generation parameters (`generation_params`, shared by the judge and data.synth): the token
+limit is sent as `max_completion_tokens`, OpenAI's current name, which reasoning models
+(o-series, GPT-5) require and vLLM and rollout.server accept (`max_tokens` is rejected by
+reasoning models with HTTP 400). A temperature of None is not sent at all: reasoning models
+accept only their default, and answer HTTP 400 to any explicit value; such a 400 is raised
+with that hint. On the command line, `none` is the value for "not sent".
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import random
+import re
 import tempfile
 import threading
 import time
@@ -61,7 +90,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import openai
 
@@ -178,6 +207,73 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
 
 
+@dataclass(frozen=True)
+class AzureTarget:
+    """A classic Azure OpenAI deployment (see the module docstring)."""
+
+    endpoint: str  # the resource, e.g. https://X.openai.azure.com (without /openai)
+    api_version: str
+    deployment: str | None  # None: each request's `model` names the deployment
+
+    @property
+    def public_base(self) -> str:
+        """The base URL the requests go to, without credentials or query (cache keys, messages)."""
+        base = public_url(self.endpoint) + "/openai"
+        return base if self.deployment is None else f"{base}/deployments/{self.deployment}"
+
+
+_AZURE_DEPLOYMENT_PATH = re.compile(r"(.*?)/openai/deployments/([^/]+)(?:/chat/completions|/completions)?/*")
+
+
+def azure_target(base_url: str, api_version: str | None = None, deployment: str | None = None) -> AzureTarget | None:
+    """The classic Azure deployment that `base_url` and the options name; None for any other server.
+
+    ValueError, naming what to change, for a query parameter other than api-version, for an
+    option that disagrees with the URL, and for a deployment without an api-version.
+    """
+    parts = urlsplit(base_url)
+    shown = public_url(base_url)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(name for name in query if name != "api-version")
+    if unknown:
+        raise ValueError(
+            f"base URL {shown}: query parameter(s) {', '.join(unknown)} are not understood; the only one accepted "
+            "is api-version (a classic Azure OpenAI deployment, https://X.openai.azure.com/openai/deployments/"
+            "NAME?api-version=V); remove the others")
+    url_version = query["api-version"][-1].strip() if "api-version" in query else None
+    if url_version == "":
+        raise ValueError(f"base URL {shown}: api-version is empty; write ?api-version=V (e.g. 2024-10-21)")
+    match = _AZURE_DEPLOYMENT_PATH.fullmatch(parts.path)
+    if match:
+        prefix, url_deployment = match.group(1), unquote(match.group(2))
+    else:
+        prefix, url_deployment = parts.path.rstrip("/"), None
+        prefix = prefix[: -len("/openai")] if prefix.endswith("/openai") else prefix
+    for what, option, in_url, flag in (("api-version", api_version, url_version, "the api-version option"),
+                                       ("deployment", deployment, url_deployment, "the deployment option")):
+        if option is not None and in_url is not None and option != in_url:
+            raise ValueError(f"base URL {shown}: its {what} {in_url!r} differs from {flag} {option!r}; give it once")
+    version = api_version if api_version is not None else url_version
+    name = deployment if deployment is not None else url_deployment
+    if version is None:
+        if name is None:
+            return None
+        raise ValueError(
+            f"base URL {shown}: the Azure deployment {name!r} needs an api-version; add ?api-version=V to the base "
+            "URL or pass --azure-api-version V (eval.run: --judge-azure-api-version; e.g. 2024-10-21), or use "
+            "Azure's v1 endpoint https://X.openai.azure.com/openai/v1 without a deployment")
+    if not version.strip() or (name is not None and not name.strip()):
+        raise ValueError(f"base URL {shown}: the Azure api-version and deployment must not be empty")
+    if re.search(r"/v1$", prefix):
+        raise ValueError(
+            f"base URL {shown}: a base URL ending in /v1 (Azure's v1 endpoint, or OpenAI's) takes neither an "
+            "api-version nor a deployment; drop them, or give the Azure resource URL https://X.openai.azure.com "
+            "with them")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"base URL {shown}: expected http(s)://HOST/..., e.g. https://X.openai.azure.com")
+    return AzureTarget(urlunsplit((parts.scheme, parts.netloc, prefix, "", "")), version, name)
+
+
 class ResponseCache:
     """Content-addressed, crash-safe, one JSON file per entry (see the module docstring)."""
 
@@ -248,6 +344,8 @@ class ApiClient:
         cache_dir: str | Path | None = None,
         seed: int | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        azure_api_version: str | None = None,
+        azure_deployment: str | None = None,
     ):
         if max_concurrency < 1:
             raise ValueError(f"ApiClient: max_concurrency must be >= 1, got {max_concurrency}")
@@ -263,25 +361,35 @@ class ApiClient:
         self._usage = Usage()
         self._usage_lock = threading.Lock()
         self._in_flight = threading.BoundedSemaphore(max_concurrency)
-        self._openai = openai.OpenAI(
-            base_url=base_url, api_key=_read_api_key(api_key_env), max_retries=0, timeout=timeout_s
-        )
+        self.azure = azure_target(base_url, azure_api_version, azure_deployment)
+        self._public_base = public_url(base_url) if self.azure is None else self.azure.public_base
+        api_key = _read_api_key(api_key_env)
+        if self.azure is None:
+            self._openai = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
+        else:  # everything explicit: AzureOpenAI would otherwise read AZURE_OPENAI_* variables
+            self._openai = openai.AzureOpenAI(
+                azure_endpoint=self.azure.endpoint, azure_deployment=self.azure.deployment,
+                api_version=self.azure.api_version, api_key=api_key, max_retries=0, timeout=timeout_s,
+            )
 
     def __repr__(self) -> str:
         cache = None if self.cache is None else str(self.cache.directory)
-        return (f"ApiClient(base_url={public_url(self.base_url)!r}, api_key_env={self.api_key_env!r}, "
+        return (f"ApiClient(base_url={self._public_base!r}, api_key_env={self.api_key_env!r}, "
                 f"max_concurrency={self.max_concurrency}, cache_dir={cache!r})")
 
     def config(self) -> dict[str, Any]:
         """What a run records about this client: names only, never the key's value."""
-        return {
-            "base_url": public_url(self.base_url),
+        config = {
+            "base_url": self._public_base,
             "api_key_env": self.api_key_env,
             "timeout_s": self.timeout_s,
             "max_concurrency": self.max_concurrency,
             "retry": asdict(self.retry),
             "cache_dir": None if self.cache is None else str(self.cache.directory),
         }
+        if self.azure is not None:  # only then: other servers' configs stay as they were
+            config.update(azure_api_version=self.azure.api_version, azure_deployment=self.azure.deployment)
+        return config
 
     @property
     def usage(self) -> Usage:
@@ -291,11 +399,13 @@ class ApiClient:
 
     def cache_key(self, request: ApiRequest) -> str:
         payload = {
-            "base_url": public_url(self.base_url),
+            "base_url": self._public_base,
             "endpoint": request.endpoint,
             "params": request.params,
             "tag": request.cache_tag,
         }
+        if self.azure is not None:  # only then: the keys of other servers' caches stay as they were
+            payload["api_version"] = self.azure.api_version
         return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
 
     # -----------------------------------------------------------------------------------------
@@ -341,7 +451,7 @@ class ApiClient:
     # -----------------------------------------------------------------------------------------
 
     def _call_with_retries(self, request: ApiRequest) -> Any:
-        where = f"{public_url(self.base_url)}/{request.endpoint.replace('.', '/')}"
+        where = f"{self._public_base}/{request.endpoint.replace('.', '/')}"
         failures: list[str] = []
         for attempt in range(self.retry.max_attempts):
             retry_after = None
@@ -354,8 +464,8 @@ class ApiClient:
                 status, message = error.status_code, self._redact(_server_message(error))
                 if status not in RETRYABLE_STATUS and status < 500:
                     raise EndpointError(
-                        f"{where} answered HTTP {status}: {message}", status_code=status, endpoint=where,
-                        server_message=message,
+                        f"{where} answered HTTP {status}: {message}{_parameter_hint(status, message, request)}",
+                        status_code=status, endpoint=where, server_message=message,
                     ) from None
                 failure = f"HTTP {status}: {message}"
                 retry_after = _retry_after_seconds(error.response.headers)
@@ -425,6 +535,60 @@ def _read_api_key(api_key_env: str | None) -> str:
     return value
 
 
+def _parameter_hint(status: int, message: str, request: ApiRequest) -> str:
+    """What to do when a model refuses a generation parameter (reasoning models refuse a temperature)."""
+    if status == 400 and "temperature" in request.params and "temperature" in message.lower():
+        return (" (reasoning models such as the o-series and GPT-5 accept only their default temperature: leave "
+                "the temperature unset, `none` on the command line)")
+    return ""
+
+
+def generation_params(temperature: float | None, max_tokens: int | None) -> dict[str, Any]:
+    """The chat request's sampling fields: `max_completion_tokens`, and `temperature` unless None."""
+    params: dict[str, Any] = {}
+    if temperature is not None:
+        params["temperature"] = temperature
+    if max_tokens is not None:
+        params["max_completion_tokens"] = max_tokens
+    return params
+
+
+def check_generation(temperature: float | None, max_tokens: int | None, what: str) -> None:
+    """ValueError naming `what` for a temperature outside [0, 2] or a token limit below 1 (None: not sent)."""
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not math.isfinite(temperature) or not 0 <= temperature <= 2):
+        raise ValueError(f"{what} temperature must be a number in [0, 2] or None (not sent), got {temperature!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"{what} max tokens must be an integer >= 1 or None (not sent), got {max_tokens!r}")
+
+
+def optional_temperature(text: str) -> float | None:
+    """argparse type: a temperature in [0, 2], or `none` for "not sent"."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 2:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 2], or none to send no temperature (reasoning "
+                                         f"models), got {text!r}")
+    return value
+
+
+def optional_max_tokens(text: str) -> int | None:
+    """argparse type: a token limit >= 1, or `none` for "not sent" (the server's default)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, or none to send no limit, got {text!r}")
+    return value
+
+
 def _server_message(error: openai.APIStatusError) -> str:
     body = error.body
     if isinstance(body, dict):
@@ -460,9 +624,13 @@ def add_client_arguments(parser, *, concurrency: int = 8, timeout: float = 120.0
     group.add_argument("--cache-dir", help="response cache (default: OUT.cache)")
     group.add_argument("--concurrency", type=int, default=concurrency, help="requests in flight at most")
     group.add_argument("--timeout", type=float, default=timeout, help="seconds per request")
+    group.add_argument("--azure-api-version", help="a classic Azure OpenAI deployment's api-version (e.g. "
+                       "2024-10-21), with --base-url https://X.openai.azure.com; or put ?api-version= in --base-url")
+    group.add_argument("--azure-deployment", help="the classic Azure deployment's name (default: the model name)")
 
 
 def client_options(args, default_cache_dir: str) -> dict[str, Any]:
     """ApiClient keyword arguments from `add_client_arguments`' options (the key stays in the environment)."""
     return {"api_key_env": args.api_key_env or None, "timeout_s": args.timeout,
-            "max_concurrency": args.concurrency, "cache_dir": args.cache_dir or default_cache_dir}
+            "max_concurrency": args.concurrency, "cache_dir": args.cache_dir or default_cache_dir,
+            "azure_api_version": args.azure_api_version or None, "azure_deployment": args.azure_deployment or None}

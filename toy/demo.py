@@ -124,11 +124,14 @@ class Demo:
                             f"above and rerun: finished stages are reused")
 
     def train(self, stage: str, folder: Path, start: Path, manifest: Path, *overrides: str) -> None:
+        """train.STAGE with configs/toy/demo_STAGE.toml; SFT logs its loss on the validation split
+        (data.eval), the measure its epochs were chosen by."""
         config = ROOT / "configs" / "toy" / f"demo_{stage}.toml"
+        held_out = (f'data.eval=["{self.corpus / "validation.jsonl"}"]',) if stage == "sft" else ()
         self.call(f"train.{stage}", "--config", str(config), f'model.checkpoint="{start}"',
                   f'data.train=["{manifest}"]', f'run.out_dir="{folder}"',
                   f'data.feature_cache="{self.work / "features"}"', f'model.encoder_cache="{self.encoder_cache}"',
-                  *getattr(self.mode, stage), *overrides)
+                  *held_out, *getattr(self.mode, stage), *overrides)
 
     @property
     def encoder_cache(self) -> Path:

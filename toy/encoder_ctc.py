@@ -174,7 +174,7 @@ def train_encoder(recognizer: CTCRecognizer, meetings: list[MeetingAudio], token
     warmup = max(1, steps.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps.steps))))
-    rng, start, average = random.Random(seed), 0, None
+    rng, start, average, earlier = random.Random(seed), 0, None, 0.0
     state_file = folder / "state.pt"
     if state_file.exists():
         state = torch.load(state_file, weights_only=True)
@@ -183,6 +183,7 @@ def train_encoder(recognizer: CTCRecognizer, meetings: list[MeetingAudio], token
         schedule.load_state_dict(state["schedule"])
         rng.setstate(_tuple_state(state["rng"]))
         start, average = int(state["step"]), state.get("average")
+        earlier = float(state.get("train_seconds", 0.0))
         log(f"[toy encoder] resumed at step {start} from {state_file}")
     fill = torch.cat([m.features for m in meetings[:50]]).float().mean(0)  # (80,)
     longest = max(len(m.turns) for m in meetings)
@@ -214,7 +215,7 @@ def train_encoder(recognizer: CTCRecognizer, meetings: list[MeetingAudio], token
         if step % steps.save_every == 0 or step == steps.steps:
             state = {"model": recognizer.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict(), "rng": _list_state(rng.getstate()), "step": step,
-                     "average": average}
+                     "average": average, "train_seconds": earlier + time.perf_counter() - started}
             partial = folder / "state.pt.partial"
             torch.save(state, partial)
             partial.replace(state_file)
@@ -227,7 +228,8 @@ def train_encoder(recognizer: CTCRecognizer, meetings: list[MeetingAudio], token
                 handle.write(json.dumps(record) + "\n")
             log(f"[toy encoder] checkpoint {record}")
     recognizer.eval()
-    return {"steps": steps.steps, "loss": average}
+    seconds = earlier + (time.perf_counter() - started if start < steps.steps else 0.0)
+    return {"steps": steps.steps, "loss": average, "train_seconds": round(seconds)}
 
 
 def _list_state(state):

@@ -7,6 +7,16 @@ file and the key, so a typo never silently falls back to a default. An override'
 parsed as a TOML value (`optim.lr=1e-4`, `kd.divergence="jsd"`, `data.train=["a.jsonl"]`), and a
 bare word that is not valid TOML is taken as a string (`run.out_dir=runs/a`).
 
+Every value is then checked for range, not only type, in one table (RANGES below: key,
+test, allowed values in words): learning rates and temperatures finite and > 0, counts >= 1 (or
+>= 0 where 0 means "off" / "all"), betas and probabilities in their intervals, strings with a
+fixed set of values among them. A value outside gives one ConfigError naming the file and line
+(or the override) that set it, the key and the allowed range. `optim.max_steps` must be >= 1
+unless `optim.epochs` sets the length: 0 steps would hand an untrained model to the next stage.
+What depends on the machine (does `run.device` exist, can `run.out_dir` be written, does
+`model.checkpoint` exist) is checked by the recipe at start (train/recipe.py), so a config
+stays loadable anywhere. A UTF-8 byte-order mark at the start of a file is ignored.
+
 The resolved config is saved beside every checkpoint as `config.json`. Secrets never live in a
 config: API keys are named by the environment variable that holds them (`kd.api_key_env`).
 """
@@ -14,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -162,21 +174,132 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a TOML file (or start from defaults when path is None) and apply overrides."""
+    """Read a TOML file (or start from defaults when path is None), apply overrides, check ranges."""
     values: dict[str, Any] = {}
     where = "defaults"
+    text = ""
     if path is not None:
         path = Path(path)
         where = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark is dropped
+            values = tomllib.loads(text)
+        except UnicodeDecodeError as err:
+            line = err.object[:err.start].count(b"\n") + 1
+            raise ConfigError(f"{path}, line {line}: not UTF-8 text; save the file as UTF-8") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML ({err})") from None
+    origins: dict[str, str] = {}
     for override in overrides:
         keys, value = parse_override(override)
         if len(keys) != 2:
             raise ConfigError(f"override {override!r}: expected exactly section.key")
         values.setdefault(keys[0], {})[keys[1]] = value
-    return from_dict(values, where)
+        origins[".".join(keys)] = f"override {override!r}"
+    config = from_dict(values, where)
+    check_ranges(config, lambda key: origins.get(key) or _line_in(text, key, where))
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# ranges
+
+
+def _number(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False):
+    """(test, words) for a finite number in an interval."""
+    def test(value) -> bool:
+        return (math.isfinite(value) and (value > low if low_open else value >= low)
+                and (value < high if high_open else value <= high))
+    low_text = f"> {low:g}" if low_open else f">= {low:g}"
+    if high == math.inf:
+        return test, f"a finite number {low_text}"
+    return test, f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def _count(low: int, note: str = ""):
+    return (lambda value: value >= low), f"an integer >= {low}{note}"
+
+
+def _one_of(*choices: str):
+    return (lambda value: value in choices), "one of " + ", ".join(f'"{c}"' for c in choices)
+
+
+def _betas(value) -> bool:
+    return len(value) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in value)
+
+
+def _paths(value) -> bool:
+    return all(isinstance(item, str) and item for item in value)
+
+
+RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("model.dtype", *_one_of("float32", "bfloat16")),
+    ("model.lora_rank", *_count(1)),
+    ("model.lora_alpha", *_number(0, low_open=True)),
+    ("model.lora_dropout", *_number(0, 1, high_open=True)),
+    ("data.train", _paths, "a list of non-empty file paths"),
+    ("data.eval", _paths, "a list of non-empty file paths"),
+    ("data.batch_size", *_count(1)),
+    ("data.max_tokens", *_count(1)),
+    ("data.max_audio_seconds", *_number(0, low_open=True)),
+    ("data.on_too_long", *_one_of("error", "truncate")),
+    ("optim.lr", *_number(0, low_open=True)),
+    ("optim.weight_decay", *_number(0)),
+    ("optim.betas", _betas, "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    ("optim.eps", *_number(0, low_open=True)),
+    ("optim.warmup_steps", *_count(0)),
+    ("optim.max_steps", *_count(0, " (>= 1 unless optim.epochs > 0)")),
+    ("optim.epochs", *_number(0)),
+    ("optim.min_lr_ratio", *_number(0, 1)),
+    ("optim.grad_clip", *_number(0)),
+    ("optim.grad_accum", *_count(1)),
+    ("run.seed", *_count(0)),
+    ("run.log_every", *_count(1)),
+    ("run.save_every", *_count(0, " (0: only at the end)")),
+    ("run.keep_last", *_count(0, " (0: keep every checkpoint)")),
+    ("run.eval_every", *_count(0, " (0: never)")),
+    ("kd.top_k", *_count(1)),
+    ("kd.divergence", *_one_of("forward", "reverse", "jsd")),
+    ("kd.beta", *_number(0, 1)),
+    ("kd.on_policy_fraction", *_number(0, 1)),
+    ("kd.temperature", *_number(0)),
+    ("kd.max_new_tokens", *_count(1)),
+    ("kd.ce_weight", *_number(0)),
+    ("dpo.beta", *_number(0, low_open=True)),
+    ("dpo.label_smoothing", *_number(0, 0.5)),
+]
+
+
+def check_ranges(config: TrainConfig, where: Callable[[str], str]) -> None:
+    """Raise ConfigError for the first value outside RANGES; `where(key)` says what set it."""
+    for key, test, allowed in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not test(value):
+            verdict = "is out of range" if isinstance(value, (int, float)) else "is not allowed"
+            raise ConfigError(f"{where(key)}: {key} = {_show(value)} {verdict}; allowed: {allowed}")
+    if config.optim.max_steps < 1 and config.optim.epochs == 0:
+        raise ConfigError(f"{where('optim.max_steps')}: optim.max_steps = {config.optim.max_steps} trains nothing "
+                          "(and would hand an untrained model to the next stage); set optim.max_steps >= 1 "
+                          "or optim.epochs > 0")
+
+
+def _show(value) -> str:
+    if isinstance(value, (tuple, list, str)):
+        return json.dumps(list(value) if isinstance(value, tuple) else value)
+    return str(value)
+
+
+def _line_in(text: str, key: str, where: str) -> str:
+    """'FILE, line N' for the line that sets section.key in a TOML text; FILE alone if none does."""
+    section, name = key.split(".")
+    current = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = re.fullmatch(r"\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?", line)
+        if header:
+            current = header.group(1)
+        elif current == section and re.match(rf"\s*\"?{re.escape(name)}\"?\s*=", line):
+            return f"{where}, line {number}"
+    return where

@@ -10,14 +10,20 @@ projection, and only LoRA and the projector train; the encoder and base decoder 
 At the end, rank 0 folds this stage's LoRA into the base and writes `out_dir/merged` (weights,
 config, tokenizer): the checkpoint the next stage starts from, and the DPO reference.
 Errors a user can fix (config, data, checkpoint) print one message and exit with status 2.
+What the config names on this machine is checked before anything loads (`check_environment`):
+`run.device` must exist here, `run.out_dir` must be a directory that can be written (made if
+absent, tested by writing and removing a file), and `model.checkpoint` must be a directory, so a
+wrong path is reported as the checkpoint's, not as the tokenizer's read from it.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -108,6 +114,55 @@ def export_merged(config: TrainConfig, model, out_dir: Path) -> Path:
     return target
 
 
+def check_device(text: str) -> None:
+    """run.device: "" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N" with N < the GPUs here."""
+    allowed = '"" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"'
+    try:
+        device = torch.device(text) if text else None
+    except RuntimeError:
+        raise ConfigError(f"run.device = {text!r} is not a device; allowed: {allowed}") from None
+    if device is None or device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"run.device = {text!r}: not supported for training; allowed: {allowed}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (device.index or 0) >= count:
+        raise ConfigError(f"run.device = {text!r}: this machine has {count} CUDA device(s); use "
+                          f"{'cuda:0 .. cuda:' + str(count - 1) if count else 'run.device=cpu'} or leave it empty")
+
+
+def check_out_dir(text: str) -> None:
+    """run.out_dir: a directory this process can write (made if absent)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run.out_dir = {text!r} is an existing file, not a directory; choose another run.out_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"run.out_dir = {text!r} cannot be written ({err.strerror or err}); choose a "
+                          "writable directory") from None
+
+
+def check_checkpoint(text: str) -> None:
+    """model.checkpoint: set, and a directory (load_pretrained says what is wrong inside it)."""
+    if not text:
+        raise ConfigError("model.checkpoint is not set; point it at a checkpoint directory")
+    if not Path(text).is_dir():
+        relative = "" if Path(text).is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"model.checkpoint = {text!r}: no such directory{relative}; point it at a checkpoint "
+                          "directory (config.json + *.safetensors), e.g. the previous stage's out_dir/merged")
+
+
+def check_environment(config: TrainConfig) -> None:
+    """What the config names on this machine, before anything is loaded (see the module docstring)."""
+    check_device(config.run.device)
+    check_out_dir(config.run.out_dir)
+    check_checkpoint(config.model.checkpoint)
+
+
 def parse_args(stage: str, argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(prog=f"python -m train.{stage}", description=f"{stage} stage")
     parser.add_argument("--config", help="TOML config file")
@@ -121,6 +176,7 @@ def run_recipe(stage_name: str, make_stage, task: str, argv=None, reserve_tokens
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = parse_args(stage_name, argv)
+        check_environment(config)
         info = init_distributed(config.run.device)
         seed_everything(config.run.seed, info.rank)
         tokenizer = load_tokenizer(config.model.tokenizer or config.model.checkpoint)
