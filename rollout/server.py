@@ -707,7 +707,14 @@ def main(argv: list[str] | None = None) -> int:
     if not _is_loopback(args.host) and api_key is None:
         logger.warning("binding %s (not loopback) without --api-key-env: anyone who can reach it can use the model",
                        args.host)
-    service = load_service(args.checkpoint, model_name=args.served_model_name, device=args.device, dtype=args.dtype)
+    from model.checkpoint import CheckpointError
+
+    try:
+        service = load_service(args.checkpoint, model_name=args.served_model_name, device=args.device,
+                               dtype=args.dtype)
+    except (CheckpointError, OSError) as error:  # a missing or damaged checkpoint: one line, no traceback
+        print(f"rollout.server: --checkpoint {args.checkpoint}: {error}", file=sys.stderr)
+        return 2
     server = make_server(service, args.host, args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
                          read_timeout_s=args.read_timeout)
     host, port = server.server_address[:2]
