@@ -31,7 +31,7 @@ has `judge_source`. Other fields go to `BenchmarkItem.metadata` (e.g. `requested
     consecutive words of one speaker form a turn, written "A: ...", one turn per line;
   - meetings: `meetings=` a comma-separated list, `all` (every meeting with words files), or by
     default the 20-meeting scenario-only test split `AMI_TEST_MEETINGS` (ES2004, ES2014,
-    IS1009, TS3003, TS3007, sessions a-d; REFERENCES.md);
+    IS1009, TS3003, TS3007, sessions a-d: the scenario-only test meetings of the AMI corpus);
   - instructions: JSON lines keyed by meeting, `{"meeting": "ES2004a", "instruction": "..."}`
     (one line per instruction) or `{"meeting": ..., "instructions": [...]}`, from
     `instructions=PATH` or `DIR/instructions.jsonl`; the paper asks 3 per meeting (60 items).

@@ -262,6 +262,8 @@ class CheckpointDecoder:
         self.loads += 1
 
     def close(self) -> None:
+        if self.model is not None and self.model.encoder_cache is not None:
+            logger.info("%s: %s", self.directory, self.model.encoder_cache.summary())
         self.model = self.tokenizer = None
         gc.collect()
         if self.device.type == "cuda":

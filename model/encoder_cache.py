@@ -25,6 +25,7 @@ into the same encoder object needs a new cache object.
 from __future__ import annotations
 
 import hashlib
+import time
 
 import torch
 from torch import nn
@@ -49,13 +50,24 @@ def weights_digest(module: nn.Module) -> str:
 
 
 class EncoderOutputCache:
-    """Per-clip encoder outputs on disk (module docstring). `hits` / `misses` count clips."""
+    """Per-clip encoder outputs on disk (module docstring). `hits` / `misses` count clips,
+    `encode_seconds` is the time spent encoding the misses, `hit_frames` / `miss_frames` the
+    log-mel frames of each, so `saved_seconds()` estimates what the hits saved."""
 
     def __init__(self, directory, encoder: nn.Module):
         self._refuse_trainable(encoder)
         self.store = TensorStore(directory, "encoded")
         self.weights = weights_digest(encoder)
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.hit_frames = self.miss_frames = 0
+        self.encode_seconds = 0.0
+
+    def saved_seconds(self) -> float:
+        """The hits' frames at the misses' measured encoding speed (0 before any miss)."""
+        return self.encode_seconds * self.hit_frames / self.miss_frames if self.miss_frames else 0.0
+
+    def summary(self) -> str:
+        return (f"encoder cache: {self.hits} clips read, {self.misses} encoded in {self.encode_seconds:.1f} s; "
+                f"the reads saved about {self.saved_seconds():.1f} s of encoding")
 
     @staticmethod
     def _refuse_trainable(encoder: nn.Module) -> None:
@@ -89,13 +101,15 @@ class EncoderOutputCache:
             key = self.key(clip, mask_padding, dtype, lengths is not None)
             encoded = self.store.get(key)
             if encoded is None:
-                self.misses += 1
+                started = time.perf_counter()
                 clip_lengths = None if lengths is None else torch.tensor([count], device=clip.device)
                 encoded, _ = encoder(clip[None].to(dtype), clip_lengths, mask_padding=mask_padding)
                 encoded = encoded[0]  # (T', D)
+                self.encode_seconds += time.perf_counter() - started
+                self.misses, self.miss_frames = self.misses + 1, self.miss_frames + count
                 self.store.put(key, encoded)
             else:
-                self.hits += 1
+                self.hits, self.hit_frames = self.hits + 1, self.hit_frames + count
             outputs.append(encoded.to(features.device))
         counts = torch.tensor([o.shape[0] for o in outputs], device=features.device)
         batch = outputs[0].new_zeros(len(outputs), int(counts.max()), outputs[0].shape[-1])  # (N, T', D)

@@ -226,7 +226,9 @@ def train_encoder(recognizer: CTCRecognizer, meetings: list[MeetingAudio], token
                 recognizer.train()
             with open(folder / "log.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            log(f"[toy encoder] checkpoint {record}")
+            errors = {split: {k: round(v, 3) for k, v in report.items() if k.endswith("word_error")}
+                      for split, report in record.items() if isinstance(report, dict)}
+            log(f"[toy encoder] checkpoint at step {step} (loss {average:.3f}): word error {errors}")
     recognizer.eval()
     seconds = earlier + (time.perf_counter() - started if start < steps.steps else 0.0)
     return {"steps": steps.steps, "loss": average, "train_seconds": round(seconds)}

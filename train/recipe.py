@@ -4,7 +4,7 @@ run, and the hand-off to the next stage.
     python -m train.sft --config configs/toy/smoke_sft.toml [section.key=value ...]
     torchrun --nproc_per_node 8 -m train.kd --config configs/phi4mm/kd_8xa100.toml
 
-Model setup (DESIGN.md, "Training: conventions"): the checkpoint is loaded (the previous stage's
+Model setup: the checkpoint is loaded (the previous stage's
 LoRA already merged into it), a fresh LoRA (r 16, alpha 32 by default) goes on every decoder
 projection, and only LoRA and the projector train; the encoder and base decoder stay frozen.
 At the end, rank 0 folds this stage's LoRA into the base and writes `out_dir/merged` (weights,
@@ -191,6 +191,8 @@ def run_recipe(stage_name: str, make_stage, task: str, argv=None, reserve_tokens
                 config.data, train=config.data.eval)), tokenizer, model, info, task_name, reserve_tokens(config))
             evaluate = held_out_loss(stage, held_out, info)
         train(config, model, stage, data, info, evaluate=evaluate)
+        if model.encoder_cache is not None:
+            logging.getLogger(__name__).info("rank %d: %s", info.rank, model.encoder_cache.summary())
         if data.skipped or data.rejected:
             logging.getLogger(__name__).warning("data: rejected %s, skipped on rank %d %s, refills %d",
                                                 dict(data.rejected), info.rank, dict(data.skipped), data.refills)

@@ -54,6 +54,9 @@ def test_cached_path_gives_the_same_loss_and_gradients(tmp_path):
         assert grads.keys() == cached_grads.keys() and any(name.startswith("projector.") for name in grads)
         for name in grads:
             torch.testing.assert_close(cached_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    cache = model.encoder_cache  # the second pass read both clips: 160 + 96 valid frames
+    assert (cache.miss_frames, cache.hit_frames) == (256, 256) and cache.encode_seconds > 0
+    assert cache.saved_seconds() == cache.encode_seconds and "2 clips read, 2 encoded" in cache.summary()
 
 
 def test_a_second_model_object_reads_the_first_ones_entries(tmp_path):

@@ -118,7 +118,7 @@ def test_a_killed_run_resumes_exactly(tmp_path):
         return recognizer
 
     def kill_after_step_2(message):
-        if message.startswith("[toy encoder] checkpoint {'step': 2,"):
+        if message.startswith("[toy encoder] checkpoint at step 2 "):
             raise Killed
 
     whole = run(tmp_path / "a")
