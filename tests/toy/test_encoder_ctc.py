@@ -3,6 +3,7 @@ that learns, and a resume that continues exactly where a killed run stopped."""
 import dataclasses
 import random
 
+import pytest
 import torch
 
 from toy import encoder_ctc as ctc
@@ -102,7 +103,7 @@ def test_the_head_learns_to_recognize_a_clip():
 
 
 class Killed(Exception):
-    pass
+    """Stands for a SIGKILL right after a checkpoint write."""
 
 
 def test_a_killed_run_resumes_exactly(tmp_path):
@@ -122,10 +123,8 @@ def test_a_killed_run_resumes_exactly(tmp_path):
             raise Killed
 
     whole = run(tmp_path / "a")
-    try:
+    with pytest.raises(Killed):
         run(tmp_path / "b", kill_after_step_2)
-    except Killed:
-        pass
     assert torch.load(tmp_path / "b" / "state.pt", weights_only=True)["step"] == 2
     resumed = run(tmp_path / "b")
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
