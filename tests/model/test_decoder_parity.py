@@ -56,6 +56,26 @@ def test_left_padded_batch_matches_transformers(pair):
     assert torch.isfinite(logits).all()
 
 
+def test_right_padded_batch_matches_transformers_and_takes_the_causal_path(pair):
+    """Right padding (how training batches are collated): real positions equal transformers'
+    logits with the mask, though our forward builds no mask (plain causal attention); a left-
+    padded mask is not mistaken for right padding."""
+    from model.decoder import build_attention_mask
+
+    reference, ours = pair
+    input_ids = random_ids(2, 14, seed=2)
+    mask = torch.ones_like(input_ids)
+    mask[1, 9:] = 0
+    assert build_attention_mask(mask, 0, 14, "cpu") is None
+    assert build_attention_mask(mask.flip(-1), 0, 14, "cpu") is not None
+    assert build_attention_mask(mask, 3, 11, "cpu") is not None  # after a cache offset: masked as before
+    with torch.no_grad():
+        logits = ours(input_ids, attention_mask=mask)
+    expected = hf_logits(reference, input_ids, attention_mask=mask)
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], expected[valid], rtol=0, atol=1e-5)
+
+
 def test_kv_cache_prefill_then_decode_equals_full_forward(pair):
     """Prefill 9 tokens, then decode 3 one at a time, through the same forward."""
     _, ours = pair
