@@ -65,12 +65,13 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
+
+from model.safeio import atomic_write_text
 
 from .benchmarks import Benchmark, BenchmarkError, BenchmarkItem, load_benchmark
 from .diagnostics import diagnose
@@ -140,20 +141,6 @@ class JsonlLog:
     def index(self) -> dict[tuple[str, str], dict]:
         """(id, key) -> the last record with them."""
         return {(r["id"], r["key"]): r for r in self.records}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _digest(value: Any) -> str:
@@ -275,7 +262,7 @@ class CheckpointDecoder:
 
         if self.model is None:
             self._load()
-        model, tokenizer = self.model, self.tokenizer
+        tokenizer = self.tokenizer
         if self.text_mode:
             from rollout.teachers import teacher_prompt_ids
 
@@ -351,11 +338,11 @@ class Results:
             "diagnostics_csv": out_dir / "diagnostics.csv",
             "settings": out_dir / "run.json",
         }
-        _write_atomic(files["json"], json.dumps(self.to_json(), indent=2) + "\n")
-        _write_atomic(files["markdown"], self.table())
-        _write_atomic(files["csv"], scores_csv(self.cells, self.checkpoints, self.benchmarks))
-        _write_atomic(files["diagnostics_csv"], diagnostics_csv(self.cells, self.checkpoints, self.benchmarks))
-        _write_atomic(files["settings"], json.dumps(self.settings, indent=2, default=str) + "\n")
+        atomic_write_text(files["json"], json.dumps(self.to_json(), indent=2) + "\n")
+        atomic_write_text(files["markdown"], self.table())
+        atomic_write_text(files["csv"], scores_csv(self.cells, self.checkpoints, self.benchmarks))
+        atomic_write_text(files["diagnostics_csv"], diagnostics_csv(self.cells, self.checkpoints, self.benchmarks))
+        atomic_write_text(files["settings"], json.dumps(self.settings, indent=2, default=str) + "\n")
         if with_plot:
             png = plot(self.cells, self.checkpoints, self.benchmarks, out_dir / "results.png")
             if png is not None:
@@ -435,7 +422,7 @@ def evaluate(
         try:
             for bench_name, benchmark in loaded.items():
                 samples = _run_pair(ckpt_name, bench_name, benchmark, decoder, judge, judge_key, out, batch_size)
-                _write_atomic(out / "samples" / ckpt_name / f"{bench_name}.jsonl",
+                atomic_write_text(out / "samples" / ckpt_name / f"{bench_name}.jsonl",
                               "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
                 cells.setdefault(ckpt_name, {})[bench_name] = summarize(samples, resamples=resamples, seed=seed)
         finally:

@@ -17,31 +17,35 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger(__name__)
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+def _atomic_write(target: str | Path, write) -> None:
+    """`write(temporary path)` fills a unique sibling temporary file (`.NAME.*.tmp`, so two
+    writers of one target never share one); it is fsync'ed and renamed over `target`, or
+    removed when anything fails."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], target: str | Path, metadata: dict | None = None) -> None:
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    _replace(tmp, target)
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    _atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def atomic_write_bytes(target: str | Path, data: bytes) -> None:
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    _replace(tmp, target)
+    _atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(target: str | Path, text: str) -> None:
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _replace(tmp, target)
+    _atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 class TensorStore:
@@ -73,13 +77,4 @@ class TensorStore:
             return None
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file({self.name: tensor.detach().contiguous()}, tmp)
-            _replace(Path(tmp), path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save_safetensors({self.name: tensor}, self.path(key))

@@ -83,7 +83,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -93,6 +92,8 @@ from typing import Any, Callable, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import openai
+
+from model.safeio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -304,19 +305,8 @@ class ResponseCache:
         return True, entry["value"]
 
     def put(self, key: str, value: Any) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"format": CACHE_FORMAT, "key": key, "value": value}, separators=(",", ":"))
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as tmp:
-                tmp.write(text)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path(key), text)
 
     def keys(self) -> list[str]:
         """Keys of the complete-looking entries (temporary files of interrupted writes excluded)."""

@@ -46,6 +46,7 @@ from model.features import log_mel
 from model.safeio import atomic_write_text
 
 from .corpus import plan_meeting
+from .loop_state import load_state, save_state, warmup_cosine
 
 FRAMES_PER_SECOND = 100  # log-mel hop 10 ms
 
@@ -171,17 +172,11 @@ def train_encoder(recognizer: CTCRecognizer, meetings: list[MeetingAudio], token
     Returns the final state's record."""
     folder.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(recognizer.parameters(), lr=steps.lr, weight_decay=0.01)
-    warmup = max(1, steps.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps.steps))))
+    schedule = warmup_cosine(optimizer, steps.steps)
     rng, start, average, earlier = random.Random(seed), 0, None, 0.0
     state_file = folder / "state.pt"
-    if state_file.exists():
-        state = torch.load(state_file, weights_only=True)
-        recognizer.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        rng.setstate(_tuple_state(state["rng"]))
+    state = load_state(state_file, recognizer, optimizer, schedule, rng)
+    if state is not None:
         start, average = int(state["step"]), state.get("average")
         earlier = float(state.get("train_seconds", 0.0))
         log(f"[toy encoder] resumed at step {start} from {state_file}")
@@ -213,12 +208,8 @@ def train_encoder(recognizer: CTCRecognizer, meetings: list[MeetingAudio], token
             log(f"[toy encoder] step {step}/{steps.steps} loss {average:.3f} spans<= {limit} turns "
                 f"({time.perf_counter() - started:.0f} s)")
         if step % steps.save_every == 0 or step == steps.steps:
-            state = {"model": recognizer.state_dict(), "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "rng": _list_state(rng.getstate()), "step": step,
-                     "average": average, "train_seconds": earlier + time.perf_counter() - started}
-            partial = folder / "state.pt.partial"
-            torch.save(state, partial)
-            partial.replace(state_file)
+            save_state(state_file, recognizer, optimizer, schedule, rng, step, average=average,
+                       train_seconds=earlier + time.perf_counter() - started)
             record = {"step": step, "loss": average, "seconds": round(time.perf_counter() - started)}
             if check is not None:
                 recognizer.eval()
@@ -232,15 +223,6 @@ def train_encoder(recognizer: CTCRecognizer, meetings: list[MeetingAudio], token
     recognizer.eval()
     seconds = earlier + (time.perf_counter() - started if start < steps.steps else 0.0)
     return {"steps": steps.steps, "loss": average, "train_seconds": round(seconds)}
-
-
-def _list_state(state):
-    """random.Random's state as nested lists (weights_only torch.load reads lists, not tuples)."""
-    return [state[0], list(state[1]), state[2]]
-
-
-def _tuple_state(state):
-    return (state[0], tuple(state[1]), state[2])
 
 
 def greedy_ctc(log_probs: torch.Tensor, length: int, blank: int) -> list[int]:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import random
 import shutil
 import sys
@@ -68,8 +67,8 @@ from rollout.sampler import SamplingParams, generate
 from rollout.teachers import teacher_prompt_ids
 
 from .corpus import ASR_INSTRUCTION, text_items, training_texts
-from .encoder_ctc import (CTCRecognizer, CTCSteps, _list_state, _tuple_state, asr_report, build_encoder, load_meetings,
-                          max_turns_at, sample_span)
+from .encoder_ctc import CTCRecognizer, CTCSteps, asr_report, build_encoder, load_meetings, max_turns_at, sample_span
+from .loop_state import load_state, save_state, warmup_cosine
 
 VOCAB_SIZE = 512
 
@@ -133,18 +132,11 @@ def train(model: SpeechLM, next_batch, steps: int, groups: list[dict], what: str
     loses at most `save_every` steps."""
     parameters = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    schedule = warmup_cosine(optimizer, steps)
     start, average = 0, None
     state_file = None if work is None else work / "state.pt"
-    if state_file is not None and state_file.exists():
-        state = torch.load(state_file, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if rng is not None:
-            rng.setstate(_tuple_state(state["rng"]))
+    state = None if state_file is None else load_state(state_file, model, optimizer, schedule, rng)
+    if state is not None:
         start, average = int(state["step"]), state["average"]
         log(f"[toy pretrain] {what}: resumed at step {start} from {state_file}")
     model.train()
@@ -161,12 +153,7 @@ def train(model: SpeechLM, next_batch, steps: int, groups: list[dict], what: str
         if step % max(1, steps // 20) == 0 or step == steps:
             log(f"[toy pretrain] {what}: step {step}/{steps} loss {average:.3f} ({time.perf_counter() - started:.0f} s)")
         if state_file is not None and (step % save_every == 0 or step == steps):
-            work.mkdir(parents=True, exist_ok=True)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "rng": _list_state(rng.getstate()) if rng else None,
-                     "step": step, "average": average}
-            torch.save(state, state_file.with_suffix(".partial"))
-            state_file.with_suffix(".partial").replace(state_file)
+            save_state(state_file, model, optimizer, schedule, rng, step, average=average)
     model.eval()
     return average
 
