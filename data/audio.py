@@ -19,7 +19,10 @@ to float32 in [-1, 1) (8-bit WAV is unsigned, PCM_U8, and comes out centred as w
 Problems raise `AudioError`, whose message says what is wrong with which file and what to do,
 and whose `field` names the manifest field to blame ('audio_filepath', 'offset' or 'duration'),
 so that data/dataset.py and data.check can report "FILE:LINE: field 'offset': ...".
-NaN or infinite samples are an error: they would turn the loss NaN many steps later.
+NaN or infinite samples are an error: they would turn the loss NaN many steps later. So are
+finite samples beyond `MAX_SAMPLE_MAGNITUDE` (1e6; a float WAV of 1e30 passes every NaN check,
+but its log-mel is all NaN); a float file whose peak is merely above 1 is used with a warning
+(`Audio.peak`, which `data.check --decode` reports).
 """
 from __future__ import annotations
 
@@ -32,11 +35,12 @@ import numpy as np
 import soundfile
 import torch
 
-from model.features import SAMPLE_RATE, WIN_LENGTH, resample
+from model.features import MAX_SAMPLE_MAGNITUDE, SAMPLE_RATE, WIN_LENGTH, resample
 
 logger = logging.getLogger(__name__)
 
 DURATION_TOLERANCE_S = 0.1
+FLOAT_PEAK_TOLERANCE = 1e-3  # a float file's peak may pass 1 by this much before a warning
 MAX_TRAIN_SECONDS = 1800.0  # the paper: training audio up to 30 minutes
 ON_TOO_LONG = ("error", "truncate")
 _READ_BLOCK_SECONDS = 60
@@ -108,6 +112,7 @@ class Audio:
     offset: float  # seconds into the file where the segment starts
     seconds: float  # seconds read from the file (after any truncation)
     truncated: bool  # the duration policy cut the segment
+    peak: float = 0.0  # max |sample| read from the file (above 1 only in float files)
 
     @property
     def num_samples(self) -> int:
@@ -177,6 +182,12 @@ def load_audio(path: str | Path, *, offset: float = 0.0, duration: float | None 
         raise AudioError(f"{info.path} has {int(bad.sum())} NaN or infinite samples (first at "
                          f"{(start + first) / info.sample_rate:.3f} s); re-export the recording or replace them, "
                          "e.g. with np.nan_to_num")
+    peak = float(np.abs(mono).max()) if mono.size else 0.0
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise AudioError(f"{info.path} has samples up to {peak:.3g}, far outside [-1, 1]: its log-mel features would "
+                         "not be finite; the file is not scaled as audio: rescale it (x / max|x|) or re-export it")
+    if peak > 1.0 + FLOAT_PEAK_TOLERANCE:  # only float files can hold these
+        logger.warning("%s: %s", info.path, peak_warning(peak))
     waveform = resample(torch.from_numpy(mono), info.sample_rate, SAMPLE_RATE)  # (samples,) at 16 kHz
     if waveform.shape[0] < WIN_LENGTH:
         milliseconds = 1000 * waveform.shape[0] / SAMPLE_RATE
@@ -184,7 +195,12 @@ def load_audio(path: str | Path, *, offset: float = 0.0, duration: float | None 
                          "shorter than one 25 ms feature frame; drop it or give a longer duration",
                          field="duration")
     return Audio(waveform, info, offset=start / info.sample_rate, seconds=mono.shape[0] / info.sample_rate,
-                 truncated=truncated)
+                 truncated=truncated, peak=peak)
+
+
+def peak_warning(peak: float) -> str:
+    return (f"peak amplitude {peak:.3g} is outside [-1, 1] (float samples that clip or are mis-scaled); "
+            "it is used as it is: normalize the file if that is not meant")
 
 
 def _read_mono(info: AudioInfo, start: int, stop: int) -> np.ndarray:

@@ -60,7 +60,7 @@ import torch
 from model.features import AUDIO_COMPRESSION_RATE, log_mel, num_audio_tokens
 from model.safeio import TensorStore
 
-from .audio import AudioError, DurationPolicy, load_audio, seconds_to_samples_16k
+from .audio import FLOAT_PEAK_TOLERANCE, AudioError, DurationPolicy, load_audio, peak_warning, seconds_to_samples_16k
 from .batching import Batch, Example, bucketed_plans, collate
 from .manifest import DataError, Issue, ManifestEntry, read_manifest
 
@@ -147,6 +147,7 @@ class ManifestDataset:
         self.refills = 0
         self.bad: dict[int, Issue] = {}  # entry index -> why it was skipped
         self.issues: list[Issue] = []  # every rejection, and the first skip of each sample
+        self.peak_warned: set = set()  # entries whose float peak above 1 was reported (once each)
         for issue in manifest_issues:
             self._reject(issue)
         self.entries: list[ManifestEntry] = []
@@ -284,6 +285,9 @@ class ManifestDataset:
             features = log_mel(audio.waveform, filterbank=self.filterbank)  # (frames, 80)
         except AudioError as error:
             raise DataError(Issue(entry.file, entry.line, error.field, str(error), reason=error.reason)) from None
+        if audio.peak > 1.0 + FLOAT_PEAK_TOLERANCE and (entry.file, entry.line) not in self.peak_warned:
+            self.peak_warned.add((entry.file, entry.line))
+            self.issues.append(Issue(entry.file, entry.line, "audio_filepath", peak_warning(audio.peak), "warning"))
         if key is not None:
             self.cache.put(key, features)
         return features

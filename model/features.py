@@ -281,6 +281,7 @@ def _prepare(waveform, sample_rate) -> torch.Tensor:
                 "the decoder or an earlier step produced them: fix it, or replace them, "
                 "e.g. np.nan_to_num(audio)"
             )
+        check_peak(signal)
     else:
         raise ValueError(f"unsupported audio dtype {str(waveform.dtype).replace('torch.', '')}; accepted: {_ACCEPTED}")
     if signal.dim() == 2:
@@ -307,6 +308,23 @@ def _prepare(waveform, sample_rate) -> torch.Tensor:
             f"({WIN_LENGTH} samples at 16 kHz); pad it with zeros or drop the clip"
         )
     return signal.contiguous()
+
+
+# Float samples beyond this magnitude are not audio (float WAVs lie in [-1, 1]); up to it the
+# float32 power spectrum stays finite: (512 bins x 32768 scale x 1e6)^2 ~ 3e26 < 3.4e38.
+MAX_SAMPLE_MAGNITUDE = 1e6
+
+
+def check_peak(signal: torch.Tensor) -> float:
+    """The clip's peak |sample|; ValueError above MAX_SAMPLE_MAGNITUDE, where the log-mel
+    features would overflow to inf / NaN (a finite 1e30 passes the NaN check, not this one)."""
+    peak = float(signal.abs().max()) if signal.numel() else 0.0
+    if peak > MAX_SAMPLE_MAGNITUDE:
+        raise ValueError(
+            f"audio samples reach {peak:.3g}, far outside [-1, 1]: its log-mel features would not be finite; "
+            "the file is not scaled as audio: rescale it (x / max|x|) or re-export it"
+        )
+    return peak
 
 
 def _check_sample_rate(sample_rate) -> int:

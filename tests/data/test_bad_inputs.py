@@ -40,6 +40,8 @@ BAD = [
      "is a text file, not audio (it starts with 'speaker A: hello everyone and welcome')", "audio_file"),
     ("NaN samples", {"audio_filepath": "nan.wav", "duration": 1.0}, "audio_filepath",
      "has 3 NaN or infinite samples (first at 0.250 s)", "audio_file"),
+    ("finite but huge float samples", {"audio_filepath": "huge.wav", "duration": 1.0}, "audio_filepath",
+     "has samples up to 3e+30, far outside [-1, 1]: its log-mel features would not be finite", "audio_file"),
     ("malformed JSON line", b'{"audio_filepath": "good.wav", "duration": 1.0', None,
      "not valid JSON: Expecting ',' delimiter", "manifest"),
     ("not a JSON object", b'["good.wav", 1.0]', None, "expected a JSON object, got a list", "manifest"),
@@ -80,6 +82,8 @@ def build_corpus(folder: Path) -> Path:
     nan = tone(1.0)
     nan[[4000, 4001, 9000]] = np.nan
     write_audio(folder / "nan.wav", nan, subtype="FLOAT")
+    write_audio(folder / "huge.wav", tone(1.0, noise=0.0) / np.abs(tone(1.0, noise=0.0)).max() * np.float32(3e30),
+                subtype="FLOAT")
     write_audio(folder / "u8.wav", tone(1.0), subtype="PCM_U8")
     write_audio(folder / "pcm24.wav", tone(1.0), subtype="PCM_24")
     write_audio(folder / "stereo.wav", np.stack([tone(1.0), tone(1.0, frequency=220.0)], axis=1))
@@ -135,7 +139,7 @@ def test_check_exit_status_summary_and_handled_formats(corpus, check_output):
     assert code == 1 and err == "" and "Traceback" not in out
     problems = [m for m in out.splitlines() if m.startswith(f"{manifest}:")]
     assert len(problems) == len(BAD)  # nothing about the good line or the four handled files
-    assert "checked 1 manifest(s), 24 lines: 5 usable, 19 with errors (19 problems), 0 warnings" in out
+    assert "checked 1 manifest(s), 25 lines: 5 usable, 20 with errors (20 problems), 0 warnings" in out
     assert "formats: WAV PCM_16, 16000 Hz, 1 ch: 1; WAV PCM_U8, 16000 Hz, 1 ch: 1; WAV PCM_24, 16000 Hz, 1 ch: 1; " \
            "WAV PCM_16, 16000 Hz, 2 ch: 1; WAV PCM_16, 44100 Hz, 1 ch: 1" in out
     assert re.search(r"^ +< 10 s +5 #{40}$", out, re.M)
@@ -209,3 +213,23 @@ def test_handled_formats_load_as_16khz_mono(corpus, name, how):
     features = log_mel(audio.waveform)
     assert features.shape == (98, 80) and torch.isfinite(features).all()
     assert soundfile.info(str(manifest.parent / name)).channels == (2 if how == "stereo" else 1)
+
+
+def test_float_peak_above_one_is_a_warning_and_huge_samples_never_reach_the_features(tmp_path, corpus):
+    """A float file at 3x full scale is used, with one warning naming the line (data.check and
+    the dataset alike); 1e30 x a tone (finite, so no NaN check fires) is refused by log_mel too,
+    for callers that hand it arrays."""
+    _, tok = corpus
+    write_audio(tmp_path / "loud.wav", tone(1.0, noise=0.0) * np.float32(3.0), subtype="FLOAT")
+    manifest = write_manifest(tmp_path / "loud.jsonl", [{"audio_filepath": "loud.wav", "duration": 1.0, **GOOD}])
+    code, out, err = run_check(manifest, tok.path)
+    warnings = [m for m in out.splitlines() if m.startswith(f"{manifest}:1: ")]
+    assert code == 0 and len(warnings) == 1, out
+    assert "field 'audio_filepath': peak amplitude" in warnings[0] and "is outside [-1, 1]" in warnings[0]
+    dataset = ManifestDataset.from_manifests([manifest], tok, task="sft", max_context=MAX_CONTEXT, shuffle=False)
+    for epoch in (0, 1):
+        for plan in dataset.epoch_plans(epoch):
+            dataset.load(plan)
+    assert [issue.severity for issue in dataset.issues] == ["warning"]  # once, not once per epoch
+    with pytest.raises(ValueError, match=r"audio samples reach 1e\+30, far outside \[-1, 1\]"):
+        log_mel(np.full(4000, 1e30, dtype=np.float32))
