@@ -443,6 +443,7 @@ class ApiClient:
     def _call_with_retries(self, request: ApiRequest) -> Any:
         where = f"{self._public_base}/{request.endpoint.replace('.', '/')}"
         failures: list[str] = []
+        started = time.monotonic()
         for attempt in range(self.retry.max_attempts):
             retry_after = None
             try:
@@ -475,9 +476,10 @@ class ApiClient:
                            where, attempt + 1, self.retry.max_attempts, failure, delay)
             self._sleep(delay)
         raise RetriesExhaustedError(
-            f"{where}: all {self.retry.max_attempts} attempts failed: " + "; ".join(
-                f"#{i + 1} {failure}" for i, failure in enumerate(failures))
-            + ". Check that the server is up and not overloaded, or raise RetryPolicy.max_attempts / timeout_s"
+            f"{where}: all {self.retry.max_attempts} attempts failed in {time.monotonic() - started:.0f} s: "
+            + "; ".join(f"#{i + 1} {failure}" for i, failure in enumerate(failures))
+            + ". Check that the server is up and not overloaded, or change the attempts / timeout "
+              "(RetryPolicy.max_attempts and timeout_s; kd.max_attempts and kd.timeout_s in a KD config)"
         )
 
     def _send(self, request: ApiRequest) -> dict[str, Any]:
@@ -512,9 +514,31 @@ class ApiClient:
         return text[:MAX_MESSAGE_CHARS]
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_name_problem(api_key_env: str) -> str | None:
+    """Why `api_key_env` cannot be the *name* of an environment variable, or None when it can.
+    A key pasted in its place is described, never repeated (it must not reach a log)."""
+    if _ENV_NAME.fullmatch(api_key_env):
+        if api_key_env.startswith(("sk-", "sk_")) or (len(api_key_env) >= 32 and any(c.isdigit() for c in api_key_env)
+                                                     and any(c.islower() for c in api_key_env)):
+            return ("it looks like a key, not a variable name; put the key in an environment variable "
+                    "(export OPENAI_API_KEY=...) and give that variable's name")
+        return None
+    if api_key_env.startswith("sk-") or len(api_key_env) >= 20:
+        return ("that looks like a key, not a variable name (it is not repeated here); put the key in an environment "
+                "variable (export OPENAI_API_KEY=...) and give that variable's name")
+    return (f"it is not a valid environment variable name ({len(api_key_env)} characters; letters, digits and _ "
+            "only, not starting with a digit)")
+
+
 def _read_api_key(api_key_env: str | None) -> str:
     if api_key_env is None:
         return NO_AUTH_PLACEHOLDER
+    problem = env_name_problem(api_key_env)
+    if problem is not None:
+        raise ValueError(f"api_key_env: {problem}")
     value = os.environ.get(api_key_env)
     if not value:
         raise ValueError(

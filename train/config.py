@@ -89,6 +89,8 @@ class KDSection:
     teacher: str = ""  # "local:DIR" or "openai:MODEL"
     base_url: str = ""
     api_key_env: str = "OPENAI_API_KEY"  # the variable's name, never its value; "" for a server without auth
+    timeout_s: float = 120.0  # one request to an openai: teacher
+    max_attempts: int = 8  # tries per request (retryable errors: timeouts, 429, 5xx), with exponential backoff
     top_k: int = 20
     divergence: str = "forward"  # "forward", "reverse" or "jsd"
     beta: float = 0.5  # generalized JSD mixture weight (divergence = "jsd")
@@ -197,7 +199,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if len(keys) != 2:
             raise ConfigError(f"override {override!r}: expected exactly section.key")
         values.setdefault(keys[0], {})[keys[1]] = value
-        origins[".".join(keys)] = f"override {override!r}"
+        key = ".".join(keys)
+        origins[key] = f"override '{key}=...'" if key in SECRET_NAMING_KEYS else f"override {override!r}"
     config = from_dict(values, where)
     check_ranges(config, lambda key: origins.get(key) or _line_in(text, key, where))
     return config
@@ -234,6 +237,9 @@ def _paths(value) -> bool:
     return all(isinstance(item, str) and item for item in value)
 
 
+# Keys whose value names a secret's variable: a key pasted there instead is never repeated.
+SECRET_NAMING_KEYS = ("kd.api_key_env",)
+
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.dtype", *_one_of("float32", "bfloat16")),
     ("model.lora_rank", *_count(1)),
@@ -260,6 +266,8 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("run.save_every", *_count(0, " (0: only at the end)")),
     ("run.keep_last", *_count(0, " (0: keep every checkpoint)")),
     ("run.eval_every", *_count(0, " (0: never)")),
+    ("kd.timeout_s", *_number(0, low_open=True)),
+    ("kd.max_attempts", *_count(1)),
     ("kd.top_k", *_count(1)),
     ("kd.divergence", *_one_of("forward", "reverse", "jsd")),
     ("kd.beta", *_number(0, 1)),
@@ -280,6 +288,13 @@ def check_ranges(config: TrainConfig, where: Callable[[str], str]) -> None:
         if not test(value):
             verdict = "is out of range" if isinstance(value, (int, float)) else "is not allowed"
             raise ConfigError(f"{where(key)}: {key} = {_show(value)} {verdict}; allowed: {allowed}")
+    if config.kd.api_key_env:
+        from rollout.api_client import env_name_problem
+
+        problem = env_name_problem(config.kd.api_key_env)
+        if problem is not None:  # the value itself is never shown: it may be a pasted key
+            raise ConfigError(f"{where('kd.api_key_env')}: kd.api_key_env must name an environment variable, but "
+                              f"{problem}")
     if config.optim.max_steps < 1 and config.optim.epochs == 0:
         raise ConfigError(f"{where('optim.max_steps')}: optim.max_steps = {config.optim.max_steps} trains nothing "
                           "(and would hand an untrained model to the next stage); set optim.max_steps >= 1 "

@@ -6,10 +6,14 @@ reads the transcript (`kd.teacher`):
   openai:MODEL   an OpenAI-compatible /v1/completions endpoint at kd.base_url that scores supplied
                  token ids (vLLM's prompt_logprobs, or echo + logprobs), top kd.top_k; the API key is
                  read from the environment variable named by kd.api_key_env ("" for a server without
-                 authentication, e.g. a local vLLM or python -m rollout.server).
+                 authentication, e.g. a local vLLM or python -m rollout.server); each request
+                 waits at most kd.timeout_s and is tried kd.max_attempts times (timeouts, 429s and
+                 5xx are retried with exponential backoff), so a hung teacher fails the run after
+                 about max_attempts x (timeout_s + backoff), with the time it took said.
 """
 import sys
 
+from rollout.api_client import RetryPolicy
 from rollout.teachers import LocalTeacher, OpenAICompatibleTeacher
 
 from .config import ConfigError
@@ -27,7 +31,8 @@ def make_teacher(config, model, tokenizer):
             raise ConfigError("[kd] base_url: needed for an openai: teacher (e.g. http://127.0.0.1:8000/v1)")
         try:
             return OpenAICompatibleTeacher(config.kd.base_url, target, config.kd.top_k, tokenizer=tokenizer,
-                                           api_key_env=config.kd.api_key_env or None,
+                                           api_key_env=config.kd.api_key_env or None, timeout_s=config.kd.timeout_s,
+                                           retry=RetryPolicy(max_attempts=config.kd.max_attempts),
                                            cache_dir=f"{config.run.out_dir}/teacher_cache")
         except ValueError as error:  # the key's variable unset, a bad URL: say it as a config problem
             raise ConfigError(f"[kd] teacher {config.kd.teacher!r} at {config.kd.base_url}: {error} (in the config: "

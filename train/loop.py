@@ -249,7 +249,7 @@ def train(
                 bad = all_reduce_sum((~torch.isfinite(loss_sum.detach())).to(torch.float32).reshape(1))
                 if bad.item():
                     report_nonfinite(out_dir, position.step + 1, info, data.sample_ids(batch),
-                                     own=not torch.isfinite(loss_sum.detach()))
+                                     own=not torch.isfinite(loss_sum.detach()), model=model)
                 (loss_sum.float() * scale).backward()
             metric_sums["loss"] += float(loss_sum.detach())
             for key, value in metrics.items():
@@ -287,11 +287,19 @@ def train(
     return position
 
 
-def report_nonfinite(out_dir: Path, step: int, info: DistInfo, sample_ids: list[str], own: bool) -> None:
-    """Stop every rank; the rank whose loss is bad saves its batch's sample ids."""
+def report_nonfinite(out_dir: Path, step: int, info: DistInfo, sample_ids: list[str], own: bool,
+                     model: nn.Module | None = None) -> None:
+    """Stop every rank; the rank whose loss is bad says who is at fault: its weights when any
+    parameter already holds NaN or inf (an earlier step diverged), else its batch, whose sample
+    ids it saves."""
     if not own:
         raise NonFiniteLoss(f"step {step}: another rank's loss is NaN or inf (see its nonfinite_step{step}_rank*.json "
                             f"in {out_dir}); stopping rank {info.rank} too")
+    broken = [] if model is None else [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise NonFiniteLoss(f"step {step}, rank {info.rank}: the loss is NaN or inf because the model's weights are: "
+                            f"{len(broken)} parameter tensor(s) hold NaN or inf (first {broken[0]}); the inputs are "
+                            "not at fault. Resume from an earlier checkpoint with a lower optim.lr")
     path = out_dir / f"nonfinite_step{step}_rank{info.rank}.json"
     atomic_write_text(path, json.dumps({"step": step, "rank": info.rank, "sample_ids": sample_ids}))
     raise NonFiniteLoss(f"step {step}, rank {info.rank}: the loss is NaN or inf on samples {sample_ids[:8]}; "

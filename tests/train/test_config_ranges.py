@@ -3,6 +3,7 @@ was set and the allowed range; what the config names on this machine (device, ou
 checkpoint) is checked by the recipe before anything loads; a byte-order mark is ignored."""
 import dataclasses
 import errno
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,30 @@ def test_out_of_range_override_names_key_and_range(override, says):
     with pytest.raises(ConfigError) as caught:
         load_config(SMOKE, [override])
     assert str(caught.value).startswith(f"override {override!r}: {says}")
+
+
+@pytest.mark.parametrize("pasted", ["sk-proj-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c", "a1b2c3d4e5f60718293a4b5c6d7e8f90",
+                                    "4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c"])
+def test_a_key_pasted_into_api_key_env_is_refused_and_never_repeated(pasted):
+    with pytest.raises(ConfigError) as caught:
+        load_config(SMOKE, [f"kd.api_key_env={pasted}"])
+    message = str(caught.value)
+    assert message.startswith("override 'kd.api_key_env=...': kd.api_key_env must name an environment variable")
+    assert "looks like a key" in message and pasted not in message and pasted[:12] not in message
+
+
+def test_kd_timeout_and_attempts_reach_the_teacher_client(tmp_path, monkeypatch):
+    from train.kd import make_teacher
+
+    monkeypatch.setenv("TEST_TEACHER_KEY", "not-a-real-key")
+    config = load_config(SMOKE, ["kd.teacher=openai:m", "kd.base_url=http://127.0.0.1:9/v1", "kd.timeout_s=7.5",
+                                 "kd.max_attempts=2", "kd.api_key_env=TEST_TEACHER_KEY", f"run.out_dir={tmp_path}"])
+    client = make_teacher(config, None, None).client
+    assert (client.timeout_s, client.retry.max_attempts) == (7.5, 2)
+    for bad, says in (("kd.timeout_s=0", "kd.timeout_s = 0.0 is out of range; allowed: a finite number > 0"),
+                      ("kd.max_attempts=0", "kd.max_attempts = 0 is out of range; allowed: an integer >= 1")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config(SMOKE, [bad])
 
 
 def test_every_numeric_field_has_a_range():

@@ -122,6 +122,28 @@ def test_nonfinite_loss_stops_with_the_sample_ids(tmp_path):
     assert saved == {"step": 3, "rank": 0, "sample_ids": ["ex4", "ex5"]}
 
 
+def test_nonfinite_weights_are_blamed_on_the_weights_not_the_samples(tmp_path):
+    sys.path.insert(0, str(WORKER.parent))
+    from worker import examples, tiny_model
+
+    from train.loop import NonFiniteLoss
+
+    class CorruptingSFT(SFTStage):  # a parameter turns NaN before step 3's forward
+        def loss(self, model, batch):
+            if "ex4" in batch.ids:
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+            return super().loss(model, batch)
+
+    config = load_config(None, [f"run.out_dir={tmp_path}", "optim.max_steps=20", "data.batch_size=2"])
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(NonFiniteLoss, match=r"step 3, rank 0: the loss is NaN or inf because the model's weights are: "
+                                            r"1 parameter tensor\(s\) hold NaN or inf \(first .*\); the inputs are "
+                                            r"not at fault"):
+        train(config, tiny_model(0.0), CorruptingSFT(), ExampleSource(examples(), 2, shuffle=False), info)
+    assert not list(tmp_path.glob("nonfinite_step*.json"))  # no sample ids blamed
+
+
 def test_epochs_set_the_number_of_steps(tmp_path):
     sys.path.insert(0, str(WORKER.parent))
     from worker import examples, tiny_model
