@@ -189,6 +189,10 @@ def load_manifest(paths, **options) -> list[ManifestEntry]:
 
 def _read_one(path: Path, required, max_duration, on_too_long, report: ManifestReport, first_seen) -> None:
     name = str(path)
+    if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+        what = "a folder" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+        report.issues.append(Issue(name, None, None, f"the manifest is {what}; give a JSON-lines file"))
+        return
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -233,14 +237,31 @@ def _parse_line(line_bytes: bytes, file: str, line: int, folder: Path, required,
         problem(None, f"not valid UTF-8 (byte 0x{line_bytes[error.start]:02x} at column {error.start + 1}); "
                       "re-encode the manifest as UTF-8")
         return None
+    repeated: list[tuple[str, Any]] = []
     try:
-        row = json.loads(text)
+        row = json.loads(text, parse_int=_bounded_int, object_pairs_hook=_keeping_repeats(repeated))
     except json.JSONDecodeError as error:
         problem(None, f"not valid JSON: {error.msg} (column {error.colno}); each line must be one JSON object")
+        return None
+    except RecursionError:
+        problem(None, "not usable JSON: nested deeper than Python's recursion limit; each line must be one flat "
+                      "JSON object")
+        return None
+    except ValueError as error:  # _bounded_int
+        problem(None, f"not usable JSON: {error}")
         return None
     if not isinstance(row, dict):
         problem(None, f"expected a JSON object, got {_json_type(row)}; each line must be one JSON object")
         return None
+    for key, value in repeated:
+        problem(key if isinstance(key, str) else None, f"the key appears more than once in this line; the last value "
+                f"({json.dumps(value)[:40]}) is used: remove the others", "warning")
+    for name in TEXT_FIELDS + tuple(ALIASES):
+        position = _lone_surrogate(row.get(name))
+        if position is not None:
+            problem(name, f"holds a lone surrogate (\\u{ord(row[name][position]):04x} at character {position + 1}), "
+                          "which is not a character: fix the text (it usually comes from a bad conversion)")
+            return None
 
     source = {name: name for name in TEXT_FIELDS}  # the key each text field is read from
     for alias, name in ALIASES.items():
@@ -358,6 +379,48 @@ def _duration_from_header(path: Path, offset: float, problem) -> float | None:
     return seconds
 
 
+MAX_INT_DIGITS = 4300  # Python's own limit for int(str); past it json.loads fails naming no line
+
+
+def _bounded_int(digits: str) -> int:
+    """json's parse_int: refuses the integers whose conversion alone is a hazard (Python refuses
+    over 4300 digits with an error that names no line; 1 followed by 400 zeros overflows float)."""
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits.lstrip('-'))} digits (at most {MAX_INT_DIGITS} are read); "
+                         "write the number as it is meant, e.g. 12.5")
+    return int(digits)
+
+
+def _keeping_repeats(repeated: list):
+    """json's object_pairs_hook: the dict json would build (the last value of a key wins), with
+    each top-level key given more than once appended to `repeated` as (key, last value)."""
+    def build(pairs):
+        row, seen = {}, set()
+        for key, value in pairs:
+            if key in seen:
+                repeated.append((key, None))
+            seen.add(key)
+            row[key] = value
+        return row
+
+    def hook(pairs):
+        start = len(repeated)
+        row = build(pairs)
+        repeated[start:] = [(key, row[key]) for key, _ in repeated[start:]]
+        return row
+    return hook
+
+
+def _lone_surrogate(value) -> int | None:
+    """Index of the first lone surrogate in a string (JSON's \\ud800 decodes to one), else None."""
+    if not isinstance(value, str):
+        return None
+    for index, char in enumerate(value):
+        if "\ud800" <= char <= "\udfff":
+            return index
+    return None
+
+
 def _number(row: dict, name: str, problem, *, positive: bool) -> float | None:
     value = row.get(name)
     if value is None:
@@ -365,7 +428,11 @@ def _number(row: dict, name: str, problem, *, positive: bool) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         problem(name, f"expected a number of seconds, got {_shown(value)}")
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        problem(name, f"expected a number of seconds, got an integer of {len(str(abs(value)))} digits")
+        return None
     if not math.isfinite(value):
         problem(name, f"expected a finite number of seconds, got {value}")
         return None

@@ -90,3 +90,42 @@ def test_blank_lines_bom_and_missing_manifest(tmp_path):
     missing = read_manifest(tmp_path / "nope.jsonl")
     assert [str(i) for i in missing.issues] == [f"{tmp_path / 'nope.jsonl'}: manifest not found; check the path"]
     assert str(Issue("f", 3, None, "x")) == "f:3: x"
+
+
+HOSTILE = [  # (raw line, the message after "FILE:2: ")
+    (b'{"audio_filepath": "a.wav", "duration": 1' + b"0" * 400 + b"}",
+     "field 'duration': expected a number of seconds, got an integer of 401 digits"),
+    (b'{"audio_filepath": "a.wav", "duration": ' + b"1" * 5000 + b"}",
+     "not usable JSON: an integer of 5000 digits (at most 4300 are read)"),
+    (b'{"audio_filepath": "a.wav", "duration": 1.0, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "not usable JSON: nested deeper than Python's recursion limit"),
+    (b'{"audio_filepath": "a.wav", "duration": 1.0, "instruction": "Summarize \\ud800."}',
+     "field 'instruction': holds a lone surrogate (\\ud800 at character 11), which is not a character"),
+    (b'{"audio_filepath": "a.wav", "duration": 2, "duration": 1000}',
+     "warning: field 'duration': the key appears more than once in this line; the last value (1000) is used"),
+]
+
+
+@pytest.mark.parametrize("raw, says", HOSTILE, ids=["400 zeros", "5000 digits", "deep nesting", "lone surrogate",
+                                                     "duplicate key"])
+def test_hostile_values_get_one_line_and_the_other_lines_are_still_checked(tmp_path, raw, says):
+    """Each case used to end in a traceback (OverflowError, ValueError naming no line,
+    RecursionError, sentencepiece's RuntimeError) or pass silently (a repeated key)."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b'{"audio_filepath": "a.wav", "duration": 1.0}\n' + raw
+                         + b'\n{"audio_filepath": "b.wav", "duration": -1}\n')
+    report = read_manifest(manifest)
+    messages = [str(issue) for issue in report.issues]
+    assert messages[0].startswith(f"{manifest}:2: {says}"), messages
+    assert messages[-1] == f"{manifest}:3: field 'duration': must be > 0 seconds, got -1"  # the next line: checked
+    assert len(messages) == 2 and report.entries[0].id == "a.wav"
+
+
+def test_a_fifo_or_folder_given_as_the_manifest_is_refused_without_reading(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    assert [str(i) for i in read_manifest([fifo, tmp_path]).issues] == [
+        f"{fifo}: the manifest is not a regular file (a FIFO, socket or device); give a JSON-lines file",
+        f"{tmp_path}: the manifest is a folder; give a JSON-lines file"]
