@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from model.errors import report_error
+
 from .manifest import TEXT_FIELDS, DataError, Issue, IssueSplit, ManifestEntry, read_manifest
 
 TASK_FIELDS = {"any": (), "sft": ("instruction", "summary"), "prompt": ("instruction",), "synth": ("transcript",)}
@@ -181,8 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             decode=args.decode, tokenizer=tokenizer, max_context=max_context, reserve_tokens=args.reserve,
         )
     except (ValueError, OSError, ImportError) as error:  # the check cannot run (bad option, tokenizer)
-        print(f"data.check: {error}", file=sys.stderr)
-        return 2
+        return report_error("data.check", error)
     finally:
         data_logger.setLevel(level)
     for issue in result.issues:

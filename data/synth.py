@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from model.errors import report_error
 from rollout.api_client import (ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError,
                                 add_client_arguments, check_generation, client_options, generation_params,
                                 optional_max_tokens, optional_temperature)
@@ -491,8 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         client = ApiClient(args.base_url, **client_options(args, f"{args.out}.cache"))
         stats = run(args.manifest, args.out, client, config, strict=args.strict)
     except (ApiError, ValueError, OSError) as error:
-        print(f"data.synth: {error}", file=sys.stderr)
-        return 1
+        return report_error("data.synth", error)
     return 1 if stats["run"].get("failed") else 0
 
 

@@ -75,6 +75,7 @@ from data.dataset import ManifestDataset
 from data.manifest import DataError, ManifestEntry, read_manifest
 from data.synth import append_rows, read_rows
 from eval.judge import add_judge_arguments, judge_request_options
+from model.errors import report_error
 from rollout.api_client import ApiError, add_client_arguments, client_options
 
 logger = logging.getLogger(__name__)
@@ -331,8 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args.manifest, args.out, model, tokenizer, judge, config, strict=args.strict,
             policy=DurationPolicy(args.max_duration or None, args.on_too_long))
     except (ApiError, ValueError, OSError) as error:
-        print(f"eval.preferences: {error}", file=sys.stderr)
-        return 1
+        return report_error("eval.preferences", error)
     return 0
 
 

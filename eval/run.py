@@ -71,6 +71,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from model.errors import report_error
 from model.safeio import atomic_write_text
 
 from .benchmarks import Benchmark, BenchmarkError, BenchmarkItem, load_benchmark
@@ -583,12 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            resamples=args.bootstrap_resamples, seed=args.seed, with_plot=not args.no_plot,
                            encoder_cache=args.encoder_cache)
     except (EvalError, BenchmarkError, DataError, CheckpointError, OSError) as error:
-        print(f"eval.run: {error}", file=sys.stderr)
-        return 2
-    except ApiError as error:
-        print(f"eval.run: the judge failed: {error}\nfinished samples are saved in {args.out}; rerun to continue",
-              file=sys.stderr)
-        return 1
+        return report_error("eval.run", error)
+    except ApiError as error:  # status 1: what finished is kept, a rerun continues
+        return report_error("eval.run", ApiError(f"the judge failed: {error}\nfinished samples are saved in "
+                                                 f"{args.out}; rerun to continue"), status=1)
     print(results.table())
     for kind, path in results.files.items():
         print(f"{kind}: {path}")

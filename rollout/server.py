@@ -71,6 +71,8 @@ from typing import Any
 
 import torch
 
+from model.errors import report_error
+
 from .sampler import SamplingParams, generate
 from .teachers import score_positions
 
@@ -713,8 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         service = load_service(args.checkpoint, model_name=args.served_model_name, device=args.device,
                                dtype=args.dtype)
     except (CheckpointError, OSError) as error:  # a missing or damaged checkpoint: one line, no traceback
-        print(f"rollout.server: --checkpoint {args.checkpoint}: {error}", file=sys.stderr)
-        return 2
+        return report_error("rollout.server", CheckpointError(f"--checkpoint {args.checkpoint}: {error}"))
     server = make_server(service, args.host, args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
                          read_timeout_s=args.read_timeout)
     host, port = server.server_address[:2]

@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -34,12 +33,14 @@ from data.manifest import DataError
 from model import load_pretrained, save_pretrained
 from model.checkpoint import CheckpointError
 from model.encoder_cache import EncoderOutputCache, EncoderTrainableError
+from model.errors import report_error
 from model.lora import apply_lora, mark_trainable, merge_and_remove_lora
 from model.tokenizer import load_tokenizer
+from rollout.api_client import ApiError
 
 from .config import ConfigError, TrainConfig, load_config
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_everything, shutdown
-from .loop import train
+from .loop import NonFiniteLoss, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -201,6 +202,6 @@ def run_recipe(stage_name: str, make_stage, task: str, argv=None, reserve_tokens
         barrier()
         shutdown()
         return 0
-    except (ConfigError, DataError, CheckpointError, EncoderTrainableError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, CheckpointError, EncoderTrainableError, NonFiniteLoss, ApiError,
+            FileNotFoundError) as err:
+        return report_error(f"train.{stage_name}", err)

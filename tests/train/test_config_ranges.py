@@ -166,4 +166,17 @@ def test_recipe_exits_with_status_2_and_one_message(tmp_path, override, says):
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ") and says in result.stderr
+    assert result.stderr.startswith("train.sft: ") and says in result.stderr
+
+
+def test_speechsum_debug_shows_the_traceback_of_an_expected_error(tmp_path):
+    command = [sys.executable, "-m", "train.sft", "--config", str(SMOKE), "optim.lr=-1"]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    debug = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**env, "SPEECHSUM_DEBUG": "1"})
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError: override 'optim.lr=-1'" in debug.stderr
+    quiet = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**env, "RANK": "3"})  # torchrun's other ranks: the same status, no second copy
+    assert quiet.returncode == 2 and quiet.stderr.strip() == ""

@@ -57,7 +57,7 @@ def test_training_data_without_a_batch_is_one_clear_message(tmp_path):
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"error: {missing}: no batch for rank 0" in result.stderr and "Traceback" not in result.stderr
+    assert f"train.dpo: {missing}: no batch for rank 0" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bfloat16_model_trains_float32_adapters(tmp_path):
