@@ -42,11 +42,15 @@ Uniforms have 24 bits, so Gumbel noise is exact up to a resolution of 2^-24 in p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .kv_cache import StaticKVCache
+
+
+class GenerationCancelled(Exception):
+    """`generate`'s `cancelled()` said stop; nothing of the call is returned."""
 
 
 @dataclass(frozen=True)
@@ -173,8 +177,11 @@ def generate(
     audio_lengths: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     stop_check_interval: int = 8,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Rollout:
-    """Sample `params.num_samples` continuations of every prompt; see the module docstring."""
+    """Sample `params.num_samples` continuations of every prompt; see the module docstring.
+    `cancelled()` is asked at every stop check: True ends the call with `GenerationCancelled`
+    (a server whose client has gone, or whose deadline has passed)."""
     decoder = model.decoder
     pad_token_id = decoder.config.pad_token_id if pad_token_id is None else pad_token_id
     device = decoder.embed_tokens.weight.device
@@ -223,6 +230,8 @@ def generate(
         stopped = stopped | (active & torch.isin(token, eos))
         if step + 1 == max_new or ((step + 1) % stop_check_interval == 0 and bool(stopped.all())):
             break
+        if cancelled is not None and (step + 1) % stop_check_interval == 0 and cancelled():
+            raise GenerationCancelled(f"generation cancelled after {step + 1} of {max_new} steps")
         hidden = model.hidden_states(
             tokens[:, step : step + 1],
             attention_mask[:, : prompt_length + step + 1] if padded else None,

@@ -8,8 +8,8 @@ speech encoder answers from its decoder; an audio placeholder id in a token prom
 a plain token). That is what a teacher or judge reading transcripts needs.
 
 Standard library only (http.server); the model runs on one thread at a time (a lock around
-every model call), connections are served by ThreadingHTTPServer. DIR is a checkpoint of
-`model.save_pretrained` plus its tokenizer (`tokenizer.json` or `tokenizer.model` next to
+every model call, see Load below), connections are served by ThreadingHTTPServer. DIR is a
+checkpoint of `model.save_pretrained` plus its tokenizer (`tokenizer.json` or `tokenizer.model` next to
 config.json; `model.tokenizer.load_tokenizer(DIR)` reads either). `--port 0` picks a free port;
 the first line on stdout is `speechsum server: serving NAME at http://HOST:PORT/v1`. With
 `--api-key-env VAR` every /v1 request must send `Authorization: Bearer $VAR` (the value is
@@ -47,19 +47,29 @@ Robustness: bodies need a Content-Length (411 otherwise) no larger than `--max-b
 (413, refused before reading); a client that stalls mid-request is dropped after
 `--read-timeout` seconds (408); malformed JSON, wrong types and out-of-range values get 400
 with an OpenAI-style body {"error": {"message", "type", "param", "code"}}; unknown paths 404,
-wrong methods 405, unknown model 404, a missing or wrong key 401. An unexpected exception
-while handling a request is logged and answered with 500; the server keeps serving.
+wrong methods 405, unknown model 404, a missing or wrong key 401; a lone surrogate anywhere in
+the body, or a stop id outside the vocabulary, is a 400 too. An unexpected exception while
+handling a request is logged and answered with 500; the server keeps serving.
+
+Load: at most `--max-queue` (8) generation requests run or wait for the model at once; one
+more is answered 503 with `Retry-After: 1` at once, so no request queues behind more than
+that. A request whose client closes its connection is cancelled, while it waits for the model
+or within one decode chunk (8 tokens) of generating, and gets no answer; one still waiting or
+generating after `--request-timeout` seconds (600; 0: none) is cancelled with a 503.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
 import math
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -67,13 +77,13 @@ import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from model.errors import report_error
 
-from .sampler import SamplingParams, generate
+from .sampler import GenerationCancelled, SamplingParams, generate
 from .teachers import score_positions
 
 logger = logging.getLogger("rollout.server")
@@ -88,18 +98,49 @@ DEFAULT_CHAT_TOKENS = 256
 FINITE_FLOOR = -9999.0  # what -inf log-probabilities are sent as
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_QUEUE = 8  # generation requests running or waiting for the model; more get 503 + Retry-After
+DEFAULT_REQUEST_TIMEOUT_S = 600.0  # a request still waiting or generating after this gets 503
+DECODE_CHUNK = 8  # decode steps between checks for a client that has gone (and for the deadline)
+LOCK_POLL_S = 0.05  # how often a request waiting for the model checks the same
 
 
 class RequestError(Exception):
-    """An error answered to the client: HTTP status + OpenAI-style error body."""
+    """An error answered to the client: HTTP status + OpenAI-style error body (+ Retry-After)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):
+                 type: str = "invalid_request_error", code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.retry_after = retry_after
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its request waited or ran: no answer is sent."""
+
+
+class RequestContext:
+    """What a request may still spend: a deadline and a probe for a client that has gone.
+    `check()` raises ClientGone or a 503 RequestError; `cancelled()` is its boolean form for the
+    sampler, asked between decode chunks."""
+
+    def __init__(self, timeout_s: float | None = None, client_gone: Callable[[], bool] = lambda: False):
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.client_gone = client_gone
+
+    def check(self) -> None:
+        if self.client_gone():
+            raise ClientGone()
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise RequestError(503, f"the request did not finish within this server's --request-timeout of "
+                               f"{self.timeout_s:g} s; ask for fewer tokens or retry later", type="server_error",
+                               code="request_timeout", retry_after=1)
+
+    def cancelled(self) -> bool:
+        return self.client_gone() or (self.deadline is not None and time.monotonic() > self.deadline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,11 +209,16 @@ class Choice:
 class ModelService:
     """The model, its tokenizer and the endpoint logic; every model call holds `self.lock`."""
 
-    def __init__(self, model, tokenizer, model_name: str):
+    def __init__(self, model, tokenizer, model_name: str, *, max_queue: int = DEFAULT_MAX_QUEUE,
+                 request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.lock = threading.Lock()
+        self.max_queue = max_queue  # generation requests admitted at once: the one running + those waiting
+        self.request_timeout_s = request_timeout_s
+        self._admitted = 0
+        self._admission_lock = threading.Lock()
         self.created = int(time.time())
         config = model.decoder.config
         self.vocab_size = config.vocab_size
@@ -188,7 +234,37 @@ class ModelService:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "speechsum",
                 "max_model_len": self.context_length}
 
-    def completions(self, body: dict) -> dict:
+    def context(self, client_gone: Callable[[], bool] = lambda: False) -> RequestContext:
+        return RequestContext(self.request_timeout_s, client_gone)
+
+    @contextlib.contextmanager
+    def admitted(self):
+        """A place among the `max_queue` requests that may wait for or hold the model; a full
+        queue is answered 503 with Retry-After at once, so no request waits behind more."""
+        with self._admission_lock:
+            if self._admitted >= self.max_queue:
+                raise RequestError(503, f"the server is busy: {self._admitted} requests are running or queued (its "
+                                   f"--max-queue); retry later", type="server_error", code="queue_full",
+                                   retry_after=1)
+            self._admitted += 1
+        try:
+            yield
+        finally:
+            with self._admission_lock:
+                self._admitted -= 1
+
+    @contextlib.contextmanager
+    def model_turn(self, context: RequestContext):
+        """The model lock, given up while waiting if the client goes or the deadline passes."""
+        while not self.lock.acquire(timeout=LOCK_POLL_S):
+            context.check()
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def completions(self, body: dict, context: RequestContext | None = None) -> dict:
+        context = context or self.context()
         self._check_model(body)
         _reject_unsupported(body, {"stream": False, "suffix": "", "presence_penalty": 0, "frequency_penalty": 0,
                                    "logit_bias": {}})
@@ -200,8 +276,9 @@ class ModelService:
         echo = _bool(body, "echo", False)
         logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
         prompt_logprobs = _int(body, "prompt_logprobs", None, 0, MAX_LOGPROBS)
-        choices = self._run(body, prompts, n, max_tokens)
-        scores = self._scores(choices, [logprobs, prompt_logprobs], prompt_logprobs is not None)
+        with self.admitted():
+            choices = self._run(body, prompts, n, max_tokens, context)
+            scores = self._scores(choices, [logprobs, prompt_logprobs], prompt_logprobs is not None, context)
         out = []
         for index, (choice, scored) in enumerate(zip(choices, scores)):
             prompt_text = prompt_texts[choice.prompt_index]
@@ -217,7 +294,8 @@ class ModelService:
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": out, "usage": self._usage(prompts, choices)}
 
-    def chat_completions(self, body: dict) -> dict:
+    def chat_completions(self, body: dict, context: RequestContext | None = None) -> dict:
+        context = context or self.context()
         self._check_model(body)
         _reject_unsupported(body, {"stream": False, "presence_penalty": 0, "frequency_penalty": 0,
                                    "logit_bias": {}, "tools": [], "functions": []})
@@ -236,8 +314,9 @@ class ModelService:
         top_logprobs = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
         if top_logprobs is not None and not want_logprobs:
             raise RequestError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        choices = self._run(body, [prompt], n, max_tokens)
-        scores = self._scores(choices, [(top_logprobs or 0) if want_logprobs else None], False)
+        with self.admitted():
+            choices = self._run(body, [prompt], n, max_tokens, context)
+            scores = self._scores(choices, [(top_logprobs or 0) if want_logprobs else None], False, context)
         out = []
         for index, (choice, scored) in enumerate(zip(choices, scores)):
             entry = {"index": index, "message": {"role": "assistant", "content": choice.text}, "logprobs": None,
@@ -295,7 +374,8 @@ class ModelService:
 
     # ------------------------------------------------------------------ generation and scoring
 
-    def _run(self, body: dict, prompts: list[list[int]], n: int, max_tokens: int) -> list[Choice]:
+    def _run(self, body: dict, prompts: list[list[int]], n: int, max_tokens: int,
+             context: RequestContext) -> list[Choice]:
         temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
         top_p = _float(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
         top_k = _int(body, "top_k", -1, -1, self.vocab_size)
@@ -304,6 +384,10 @@ class ModelService:
         stop_ids = body.get("stop_token_ids") or []
         if not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids):
             raise RequestError(400, "'stop_token_ids' must be a list of token ids", param="stop_token_ids")
+        outside = [t for t in stop_ids if not 0 <= t < self.vocab_size]
+        if outside:
+            raise RequestError(400, f"'stop_token_ids' {outside[:5]} are outside the vocabulary [0, "
+                               f"{self.vocab_size})", param="stop_token_ids")
         if len(prompts) * n > MAX_ROWS:
             raise RequestError(400, f"prompts x n must be at most {MAX_ROWS}, got {len(prompts) * n}", param="n")
         longest = max(len(p) for p in prompts)
@@ -319,8 +403,14 @@ class ModelService:
             seed=None if seed is None else seed % (2**31),
         )
         device = self.model.decoder.embed_tokens.weight.device
-        with self.lock:
-            rollout = generate(self.model, [torch.tensor(p, device=device) for p in prompts], params)
+        with self.model_turn(context):
+            context.check()
+            try:
+                rollout = generate(self.model, [torch.tensor(p, device=device) for p in prompts], params,
+                                   stop_check_interval=DECODE_CHUNK, cancelled=context.cancelled)
+            except GenerationCancelled:
+                context.check()  # says why: the client went, or the deadline passed
+                raise
         tokens, lengths = rollout.tokens.tolist(), rollout.lengths.tolist()
         stop_set = set(params.eos_token_ids)
         choices = []
@@ -343,7 +433,7 @@ class ModelService:
                 return completion[:end], text[:cut], True
         return completion, text[:cut], True
 
-    def _scores(self, choices: list[Choice], top_ns: list[int | None], ranks: bool):
+    def _scores(self, choices: list[Choice], top_ns: list[int | None], ranks: bool, context: RequestContext):
         """One teacher-forced pass over prompt + completion of every choice, if any log-probs are wanted."""
         wanted = [k for k in top_ns if k is not None]
         if not wanted:
@@ -352,7 +442,8 @@ class ModelService:
         scorable = [b for b, s in enumerate(sequences) if len(s) > 1]
         results = [None] * len(choices)
         if scorable:
-            with self.lock:
+            with self.model_turn(context):
+                context.check()
                 scored = score_positions(self.model, [sequences[b] for b in scorable], [1] * len(scorable),
                                          top_k=max(wanted), ranks=ranks)
             for i, b in enumerate(scorable):
@@ -531,17 +622,23 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         started = time.monotonic()
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        status = 500
+        status, retry_after = 500, None
         try:
             status, payload = self._route(method, path)
+        except ClientGone:
+            self.close_connection = True
+            logger.info("%s %s cancelled: the client closed the connection (%.3fs)", method, path,
+                        time.monotonic() - started)
+            return
         except RequestError as error:
-            status, payload = error.status, error.body()
+            status, payload, retry_after = error.status, error.body(), error.retry_after
         except Exception:  # a bug must not take the server down: log it, answer 500
             logger.exception("internal error on %s %s", method, path)
             status, payload = 500, RequestError(500, "internal server error; see the server log",
                                                 type="server_error").body()
         try:
-            self._reply(status, payload, allow="POST" if path.endswith("completions") else "GET")
+            self._reply(status, payload, allow="POST" if path.endswith("completions") else "GET",
+                        retry_after=retry_after)
         finally:
             logger.info("%s %s %d %.3fs", method, path, status, time.monotonic() - started)
 
@@ -564,10 +661,20 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/v1/completions", "/v1/chat/completions"):
             self._only(method, "POST")
             body = self._read_json()
+            context = service.context(self._client_gone)
             if path == "/v1/completions":
-                return 200, service.completions(body)
-            return 200, service.chat_completions(body)
+                return 200, service.completions(body, context)
+            return 200, service.chat_completions(body, context)
         raise RequestError(404, f"unknown path {path}", code="not_found")
+
+    def _client_gone(self) -> bool:
+        """The peer closed the connection: its socket reads as end-of-file (a pipelined next
+        request would read as data, not as gone)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _only(self, method: str, allowed: str) -> None:
         if method != allowed:
@@ -618,9 +725,13 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f"the body is not valid JSON: {error}") from None
         if not isinstance(body, dict):
             raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
+        where = _lone_surrogate(body)
+        if where is not None:
+            raise RequestError(400, f"'{where[0]}' holds a lone surrogate (\\u{where[1]:04x}), which is not a "
+                               "character and cannot be tokenized; send valid Unicode text", param=where[0])
         return body
 
-    def _reply(self, status: int, payload: dict, allow: str | None = None) -> None:
+    def _reply(self, status: int, payload: dict, allow: str | None = None, retry_after: int | None = None) -> None:
         data = json.dumps(payload, allow_nan=False).encode()
         try:
             self.send_response(status)
@@ -628,6 +739,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             if status == 405 and allow:
                 self.send_header("Allow", allow)
+            if retry_after is not None:
+                self.send_header("Retry-After", str(retry_after))
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -635,6 +748,24 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
         except OSError:
             self.close_connection = True  # the client went away; nothing else to do
+
+
+def _lone_surrogate(body: dict) -> tuple[str, int] | None:
+    """(top-level key, code point) of the first string anywhere in `body` that holds a lone
+    surrogate (JSON's \\ud800 decodes to one), or None. Iterative: bodies nest deeply."""
+    for key, value in body.items():
+        stack = [key, value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, str):
+                for char in item:
+                    if "\ud800" <= char <= "\udfff":
+                        return key, ord(char)
+            elif isinstance(item, dict):
+                stack += [*item.keys(), *item.values()]
+            elif isinstance(item, list):
+                stack += item
+    return None
 
 
 def _reject_constant(name: str):
@@ -664,14 +795,15 @@ def make_server(service: ModelService, host: str = "127.0.0.1", port: int = 8000
 
 
 def load_service(checkpoint: str | Path, *, model_name: str | None = None, device: str | None = None,
-                 dtype: str | None = None) -> ModelService:
+                 dtype: str | None = None, **limits) -> ModelService:
+    """The checkpoint's model and tokenizer as a ModelService; `limits`: max_queue, request_timeout_s."""
     from model import load_pretrained
     from model.tokenizer import load_tokenizer
 
     checkpoint = Path(checkpoint)
     torch_dtype = None if dtype is None else getattr(torch, dtype)
     model = load_pretrained(checkpoint, dtype=torch_dtype, device=device)
-    return ModelService(model, load_tokenizer(checkpoint), model_name or checkpoint.resolve().name)
+    return ModelService(model, load_tokenizer(checkpoint), model_name or checkpoint.resolve().name, **limits)
 
 
 def _is_loopback(host: str) -> bool:
@@ -697,8 +829,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
                         help="seconds a client may stall while sending a request")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="generation requests running or waiting at once; more are answered 503 + Retry-After")
+    parser.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                        help="seconds a request may wait and generate before it is cancelled (503); 0: no limit")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    if args.max_queue < 1 or args.request_timeout < 0:
+        parser.error(f"--max-queue must be >= 1 and --request-timeout >= 0, got {args.max_queue} and "
+                     f"{args.request_timeout}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     api_key = None
@@ -713,7 +852,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         service = load_service(args.checkpoint, model_name=args.served_model_name, device=args.device,
-                               dtype=args.dtype)
+                               dtype=args.dtype, max_queue=args.max_queue,
+                               request_timeout_s=args.request_timeout or None)
     except (CheckpointError, OSError) as error:  # a missing or damaged checkpoint: one line, no traceback
         return report_error("rollout.server", CheckpointError(f"--checkpoint {args.checkpoint}: {error}"))
     server = make_server(service, args.host, args.port, api_key=api_key, max_body_bytes=args.max_body_bytes,
