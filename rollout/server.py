@@ -9,8 +9,8 @@ a plain token). That is what a teacher or judge reading transcripts needs.
 
 Standard library only (http.server); the model runs on one thread at a time (a lock around
 every model call, see Load below), connections are served by ThreadingHTTPServer. DIR is a
-checkpoint of `model.save_pretrained` plus its tokenizer (`tokenizer.json` or `tokenizer.model` next to
-config.json; `model.tokenizer.load_tokenizer(DIR)` reads either). `--port 0` picks a free port;
+checkpoint of `model.save_pretrained` plus its tokenizer (`tokenizer.json` or `tokenizer.model`
+next to config.json; `model.tokenizer.load_tokenizer(DIR)` reads either). `--port 0` picks a free port;
 the first line on stdout is `speechsum server: serving NAME at http://HOST:PORT/v1`. With
 `--api-key-env VAR` every /v1 request must send `Authorization: Bearer $VAR` (the value is
 read from the environment, never logged). The server binds loopback unless told otherwise.
