@@ -94,7 +94,8 @@ def check_manifests(
     entries = report.entries
     formats: Counter = Counter()
     if audio or tokenizer is not None:
-        from .audio import FLOAT_PEAK_TOLERANCE, AudioError, DurationPolicy, load_audio, peak_warning, probe, segment_frames
+        from .audio import (FLOAT_PEAK_TOLERANCE, AudioError, DurationPolicy, load_audio, peak_warning, probe,
+                            segment_frames)
         from .dataset import ManifestDataset
 
         policy = DurationPolicy(max_duration, on_too_long)
@@ -117,16 +118,16 @@ def check_manifests(
                 if decode and id(entry) in index_of:
                     dataset.example(index_of[id(entry)])  # audio, features and the real context check
                 elif decode:
-                    audio = load_audio(entry.audio_path, offset=entry.offset, duration=entry.duration, policy=policy)
-                    if audio.peak > 1.0 + FLOAT_PEAK_TOLERANCE:
-                        issues.append(entry.issue("audio_filepath", peak_warning(audio.peak), severity="warning"))
+                    loaded = load_audio(entry.audio_path, offset=entry.offset, duration=entry.duration, policy=policy)
+                    if loaded.peak > 1.0 + FLOAT_PEAK_TOLERANCE:
+                        issues.append(entry.issue("audio_filepath", peak_warning(loaded.peak), severity="warning"))
                 formats[f"{info.format} {info.subtype}, {info.sample_rate} Hz, {info.channels} ch"] += 1
             except AudioError as error:
                 issues.append(entry.issue(error.field, str(error)))
             except DataError as error:
                 issues += error.issues
-    if dataset is not None:
-        issues += dataset.issues[seen:]
+        if dataset is not None:
+            issues += dataset.issues[seen:]
     order = {str(path): i for i, path in enumerate(paths)}
     issues.sort(key=lambda issue: (order.get(issue.file, len(order)), issue.line or 0))
     failed = {(issue.file, issue.line) for issue in issues if issue.severity == "error"}

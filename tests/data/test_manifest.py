@@ -1,5 +1,8 @@
 """Manifest parsing: paths, defaults, ids, the duration policy, every problem of a line reported."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +122,10 @@ def test_hostile_values_get_one_line_and_the_other_lines_are_still_checked(tmp_p
     assert messages[0].startswith(f"{manifest}:2: {says}"), messages
     assert messages[-1] == f"{manifest}:3: field 'duration': must be > 0 seconds, got -1"  # the next line: checked
     assert len(messages) == 2 and report.entries[0].id == "a.wav"
+    result = subprocess.run([sys.executable, "-m", "data.check", str(manifest), "--no-audio"], capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr  # 1: errors found
+    assert f"{manifest}:2: {says}" in result.stdout and f"{manifest}:3: field 'duration'" in result.stdout
 
 
 def test_a_fifo_or_folder_given_as_the_manifest_is_refused_without_reading(tmp_path):
