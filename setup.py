@@ -21,9 +21,10 @@ setup(
         "sentencepiece",
         "openai",
         "soundfile",
+        "tomli; python_version < '3.11'",  # train/config.py: tomllib is in the standard library from 3.11
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=5.0", "peft"],
+        "dev": ["pytest", "transformers>=5.0", "peft", "tomli"],  # tomli: the Python 3.10 config path is tested
         "phi4mm": ["tokenizers"],
         "audio": ["torchaudio"],
         "demo": ["matplotlib"],  # the plots of eval.run and make demo (skipped with a note without it)

@@ -1,4 +1,5 @@
-"""Training configs: TOML (standard-library tomllib) into dataclasses, `key=value` overrides.
+"""Training configs: TOML (standard-library tomllib; the tomli package on Python 3.10) into dataclasses,
+`key=value` overrides.
 
     python -m train.sft --config configs/toy/smoke_sft.toml optim.lr=3e-4 run.out_dir=runs/a
 
@@ -26,7 +27,10 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (setup.py installs it there)
+    import tomli as tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

@@ -37,3 +37,20 @@ def test_overrides_and_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"unknown section\(s\) \['optimizer'\]"):
         load_config(None, ["optimizer.lr=1"])
+
+
+def test_configs_read_without_tomllib_as_on_python_3_10():
+    """Python 3.10 has no tomllib: train/config.py falls back to the tomli package (setup.py
+    installs it there). Simulated here by hiding tomllib from the import system."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['tomllib'] = None\n"
+            "from train.config import load_config\n"
+            "config = load_config('configs/toy/smoke_sft.toml', ['optim.lr=3e-4'])\n"
+            "import tomli; assert sys.modules['train.config'].tomllib is tomli\n"
+            "print(config.optim.lr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0 and result.stdout.strip() == "0.0003", result.stderr[-2000:]
