@@ -76,6 +76,8 @@ with that hint. On the command line, `none` is the value for "not sent".
 from __future__ import annotations
 
 import argparse
+import datetime
+import email.utils
 import hashlib
 import json
 import logging
@@ -453,7 +455,10 @@ class ApiClient:
                 return value
             except openai.APIStatusError as error:
                 status, message = error.status_code, self._redact(_server_message(error))
-                if status not in RETRYABLE_STATUS and status < 500:
+                retryable = _should_retry(error.response.headers)
+                if retryable is None:
+                    retryable = status in RETRYABLE_STATUS or status >= 500
+                if not retryable:
                     raise EndpointError(
                         f"{where} answered HTTP {status}: {message}{_parameter_hint(status, message, request)}",
                         status_code=status, endpoint=where, server_message=message,
@@ -615,14 +620,36 @@ def _server_message(error: openai.APIStatusError) -> str:
 
 
 def _retry_after_seconds(headers) -> float | None:
-    value = headers.get("retry-after") if headers is not None else None
+    """The server's wait, as the openai SDK reads it: `retry-after-ms` (milliseconds, Azure and
+    OpenAI send it), else `retry-after` in seconds or as an HTTP date; None when absent or bad."""
+    if headers is None:
+        return None
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds is not None:
+        try:
+            value = float(milliseconds) / 1000
+            return value if math.isfinite(value) and value >= 0 else None
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
     if value is None:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        return None  # an HTTP date: ignore it and use the backoff
-    return seconds if seconds >= 0 else None
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - datetime.datetime.now(datetime.timezone.utc)
+                       ).total_seconds()
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, seconds)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _should_retry(headers) -> bool | None:
+    """`x-should-retry: true|false` overrides the status's own verdict (OpenAI's servers send it)."""
+    value = (headers.get("x-should-retry") or "").strip().lower() if headers is not None else ""
+    return {"true": True, "false": False}.get(value)
 
 
 def _int_or_zero(value: Any) -> int:

@@ -95,6 +95,8 @@ class KDSection:
     api_key_env: str = "OPENAI_API_KEY"  # the variable's name, never its value; "" for a server without auth
     timeout_s: float = 120.0  # one request to an openai: teacher
     max_attempts: int = 8  # tries per request (retryable errors: timeouts, 429, 5xx), with exponential backoff
+    max_concurrency: int = 8  # requests in flight to an openai: teacher
+    response_cache: bool = False  # on-policy rollouts are new every step, so a cache of scores would never hit
     top_k: int = 20
     divergence: str = "forward"  # "forward", "reverse" or "jsd"
     beta: float = 0.5  # generalized JSD mixture weight (divergence = "jsd")
@@ -272,6 +274,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("run.eval_every", *_count(0, " (0: never)")),
     ("kd.timeout_s", *_number(0, low_open=True)),
     ("kd.max_attempts", *_count(1)),
+    ("kd.max_concurrency", *_count(1)),
     ("kd.top_k", *_count(1)),
     ("kd.divergence", *_one_of("forward", "reverse", "jsd")),
     ("kd.beta", *_number(0, 1)),

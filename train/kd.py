@@ -9,7 +9,10 @@ reads the transcript (`kd.teacher`):
                  authentication, e.g. a local vLLM or python -m rollout.server); each request
                  waits at most kd.timeout_s and is tried kd.max_attempts times (timeouts, 429s and
                  5xx are retried with exponential backoff), so a hung teacher fails the run after
-                 about max_attempts x (timeout_s + backoff), with the time it took said.
+                 about max_attempts x (timeout_s + backoff), with the time it took said; at most
+                 kd.max_concurrency requests are in flight. kd.response_cache (off) keeps every
+                 answer under run.out_dir/teacher_cache: on-policy rollouts are new at every
+                 step, so it only pays when a run is repeated on the same samples.
 """
 import sys
 
@@ -33,7 +36,9 @@ def make_teacher(config, model, tokenizer):
             return OpenAICompatibleTeacher(config.kd.base_url, target, config.kd.top_k, tokenizer=tokenizer,
                                            api_key_env=config.kd.api_key_env or None, timeout_s=config.kd.timeout_s,
                                            retry=RetryPolicy(max_attempts=config.kd.max_attempts),
-                                           cache_dir=f"{config.run.out_dir}/teacher_cache")
+                                           max_concurrency=config.kd.max_concurrency,
+                                           cache_dir=f"{config.run.out_dir}/teacher_cache" if config.kd.response_cache
+                                           else None)
         except ValueError as error:  # the key's variable unset, a bad URL: say it as a config problem
             raise ConfigError(f"[kd] teacher {config.kd.teacher!r} at {config.kd.base_url}: {error} (in the config: "
                               f"kd.api_key_env names the variable; kd.api_key_env=\"\" for a server without "

@@ -247,6 +247,28 @@ def test_retries_429_500_timeout_malformed_then_succeeds(tmp_path):
         assert 0.5 * ceiling <= delay <= ceiling
 
 
+def test_retry_headers_as_the_openai_sdk_reads_them():
+    """retry-after-ms wins over retry-after; an HTTP-date retry-after counts; x-should-retry
+    overrides the status: false stops a 503 at once, true retries a 400."""
+    import email.utils
+    import time as clock
+
+    date = email.utils.formatdate(clock.time() + 0.3, usegmt=True)  # whole seconds: somewhere in (0, 1.3] s
+    script = [Reply(429, headers={"retry-after-ms": "250", "Retry-After": "9"}), Reply(503, headers={"Retry-After": date}),
+              Reply(400, headers={"x-should-retry": "true"})]
+    sleeps = []
+    with StubServer(vllm_like, script=script) as stub:
+        teacher = api_teacher(stub.base_url, retry=FAST_RETRY, sleep=sleeps.append, seed=0, max_concurrency=1)
+        teacher.score(PROMPTS[:1], RESPONSES[:1])
+        assert stub.count("/completions") == 4
+    assert sleeps[0] == 0.25 and 0.0 < sleeps[1] <= 1.0 and sleeps[2] <= FAST_RETRY.ceiling(2)
+    with StubServer(lambda request: Reply(503, headers={"x-should-retry": "false"})) as stub:
+        teacher = api_teacher(stub.base_url, retry=FAST_RETRY, sleep=sleeps.append)
+        with pytest.raises(EndpointError, match="HTTP 503"):
+            teacher.score(PROMPTS[:1], RESPONSES[:1])
+        assert stub.count() == 1
+
+
 def test_retries_are_bounded():
     sleeps = []
     with StubServer(lambda request: Reply(503)) as stub:

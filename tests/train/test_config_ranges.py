@@ -65,9 +65,14 @@ def test_kd_timeout_and_attempts_reach_the_teacher_client(tmp_path, monkeypatch)
 
     monkeypatch.setenv("TEST_TEACHER_KEY", "not-a-real-key")
     config = load_config(SMOKE, ["kd.teacher=openai:m", "kd.base_url=http://127.0.0.1:9/v1", "kd.timeout_s=7.5",
-                                 "kd.max_attempts=2", "kd.api_key_env=TEST_TEACHER_KEY", f"run.out_dir={tmp_path}"])
+                                 "kd.max_attempts=2", "kd.max_concurrency=3", "kd.api_key_env=TEST_TEACHER_KEY",
+                                 f"run.out_dir={tmp_path}"])
     client = make_teacher(config, None, None).client
-    assert (client.timeout_s, client.retry.max_attempts) == (7.5, 2)
+    assert (client.timeout_s, client.retry.max_attempts, client.max_concurrency, client.cache) == (7.5, 2, 3, None)
+    cached = make_teacher(load_config(SMOKE, ["kd.teacher=openai:m", "kd.base_url=http://127.0.0.1:9/v1",
+                                              "kd.api_key_env=TEST_TEACHER_KEY", "kd.response_cache=true",
+                                              f"run.out_dir={tmp_path}"]), None, None).client
+    assert cached.cache.directory == tmp_path / "teacher_cache"
     for bad, says in (("kd.timeout_s=0", "kd.timeout_s = 0.0 is out of range; allowed: a finite number > 0"),
                       ("kd.max_attempts=0", "kd.max_attempts = 0 is out of range; allowed: an integer >= 1")):
         with pytest.raises(ConfigError, match=re.escape(says)):
