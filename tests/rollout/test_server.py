@@ -2,11 +2,7 @@
 client (and raw sockets for requests no client would send): endpoints, formats, values against
 the local model, auth, and survival of malformed requests."""
 import json
-import os
-import select
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import openai
@@ -17,6 +13,7 @@ from model import load_pretrained
 from model.tokenizer import load_tokenizer
 from rollout.sampler import SamplingParams, generate
 from rollout.server import chat_prompt_ids
+from tests.rollout.server_process import address, raw_exchange, running_server
 from tests.rollout.tiny_checkpoint import build_tiny_checkpoint
 
 SECRET = "sk-test-SERVER-77aa1c9e"
@@ -35,28 +32,10 @@ def checkpoint(tmp_path_factory):
 def server(checkpoint, tmp_path_factory):
     """The server process on a free port; always terminated, its log kept for the secrecy check."""
     log_path = tmp_path_factory.mktemp("server_log") / "server.log"
-    log = open(log_path, "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rollout.server", "--checkpoint", str(checkpoint), "--port", "0",
-         "--served-model-name", "tiny", "--api-key-env", KEY_ENV, "--max-body-bytes", str(MAX_BODY),
-         "--read-timeout", str(READ_TIMEOUT), "--log-level", "DEBUG"],
-        cwd=REPO, env={**os.environ, KEY_ENV: SECRET}, stdout=subprocess.PIPE, stderr=log,
-    )
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], 60)
-        line = process.stdout.readline().decode() if ready else ""
-        assert line.startswith("speechsum server: serving tiny at http://127.0.0.1:"), (
-            line + log_path.read_text(errors="replace")[-3000:])
-        url = line.split(" at ")[1].strip()
+    with running_server(checkpoint, log_path, "--api-key-env", KEY_ENV, "--max-body-bytes", str(MAX_BODY),
+                        "--read-timeout", str(READ_TIMEOUT), "--log-level", "DEBUG", env={KEY_ENV: SECRET}) as (
+            process, url):
         yield process, url, log_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -210,34 +189,6 @@ def test_parameter_errors_are_openai_style(client):
             {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}])
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x"}])
-
-
-def address(url: str) -> tuple[str, int]:
-    host, port = url.split("//")[1].split("/")[0].split(":")
-    return host, int(port)
-
-
-def raw_exchange(url, data: bytes, wait_s: float = 5.0) -> bytes:
-    """Send raw bytes, return whatever the server answers before closing or `wait_s` passes."""
-    with socket.create_connection(address(url), timeout=wait_s) as sock:
-        sock.sendall(data)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-                if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
-                    break
-        except TimeoutError:
-            pass
-    return b"".join(chunks)
-
-
-def _complete(response: bytes) -> bool:
-    head, _, body = response.partition(b"\r\n\r\n")
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            return len(body) >= int(line.split(b":")[1])
-    return False
 
 
 def status_and_body(response: bytes) -> tuple[int, dict]:

@@ -9,45 +9,17 @@ if nothing were cancelled. The bounds below (5 s) sit far from both that and fro
 chunk (8 tokens, milliseconds).
 """
 import json
-import os
 import re
-import select
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
-from tests.rollout.test_server import address, raw_exchange
+from tests.rollout.server_process import address, raw_exchange, running_server
 from tests.rollout.tiny_checkpoint import build_tiny_checkpoint
 
-REPO = Path(__file__).resolve().parents[2]
 BIG = {"model": "tiny", "prompt": "the meeting budget", "n": 16, "max_tokens": 3000, "temperature": 1.0, "seed": 0}
-
-
-def start(checkpoint, log_path, *flags):
-    log = open(log_path, "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rollout.server", "--checkpoint", str(checkpoint), "--port", "0",
-         "--served-model-name", "tiny", "--log-level", "INFO", *flags],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=log)
-    ready, _, _ = select.select([process.stdout], [], [], 60)
-    line = process.stdout.readline().decode() if ready else ""
-    assert line.startswith("speechsum server: serving tiny at "), line + log_path.read_text(errors="replace")
-    return process, line.split(" at ")[1].strip(), log
-
-
-def stop(process, log):
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +41,7 @@ def open_request(url: str, body: dict) -> socket.socket:
 
 def test_abandoned_requests_are_cancelled_and_a_full_queue_answers_503(checkpoint, tmp_path):
     log_path = tmp_path / "server.log"
-    process, url, log = start(checkpoint, log_path, "--max-queue", "2")
-    try:
+    with running_server(checkpoint, log_path, "--max-queue", "2", "--log-level", "INFO") as (_, url):
         first, second = open_request(url, BIG), open_request(url, BIG)  # one runs, one waits
         time.sleep(1.0)
         full = raw_exchange(url, post(url, {"model": "tiny", "prompt": "the", "max_tokens": 2}))
@@ -85,8 +56,6 @@ def test_abandoned_requests_are_cancelled_and_a_full_queue_answers_503(checkpoin
         waited = time.monotonic() - started
         assert answer.choices[0].text is not None and waited < 5.0, waited
         time.sleep(0.5)
-    finally:
-        stop(process, log)
     text = log_path.read_text()
     cancelled = re.findall(r"POST /v1/completions cancelled: the client closed the connection \((\d+\.\d+)s\)", text)
     assert len(cancelled) == 2, text[-3000:]
@@ -95,8 +64,7 @@ def test_abandoned_requests_are_cancelled_and_a_full_queue_answers_503(checkpoin
 
 def test_a_request_past_its_deadline_gets_503_and_the_server_goes_on(checkpoint, tmp_path):
     log_path = tmp_path / "server.log"
-    process, url, log = start(checkpoint, log_path, "--request-timeout", "1")
-    try:
+    with running_server(checkpoint, log_path, "--request-timeout", "1") as (_, url):
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
         started = time.monotonic()
         with pytest.raises(openai.InternalServerError) as error:
@@ -106,14 +74,11 @@ def test_a_request_past_its_deadline_gets_503_and_the_server_goes_on(checkpoint,
         assert error.value.response.headers["Retry-After"] == "1"
         small = client.completions.create(model="tiny", prompt="the", max_tokens=2, temperature=0.0)
         assert small.choices[0].finish_reason in ("length", "stop")
-    finally:
-        stop(process, log)
 
 
 def test_inputs_that_used_to_crash_a_handler_are_400s(checkpoint, tmp_path):
     log_path = tmp_path / "server.log"
-    process, url, log = start(checkpoint, log_path)
-    try:
+    with running_server(checkpoint, log_path) as (_, url):
         # json.dumps writes the lone surrogate as the escape \ud800, which the server decodes back to it
         surrogate = raw_exchange(url, post(url, {"model": "tiny", "prompt": "Summarize \ud800.", "max_tokens": 2}))
         assert surrogate.startswith(b"HTTP/1.1 400"), surrogate[:300]
@@ -121,6 +86,4 @@ def test_inputs_that_used_to_crash_a_handler_are_400s(checkpoint, tmp_path):
         huge = raw_exchange(url, post(url, {"model": "tiny", "prompt": "the", "max_tokens": 2,
                                             "stop_token_ids": [10**30]}))
         assert huge.startswith(b"HTTP/1.1 400") and b"outside the vocabulary" in huge, huge[:300]
-    finally:
-        stop(process, log)
     assert "internal error" not in log_path.read_text()
