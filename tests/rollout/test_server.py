@@ -3,7 +3,6 @@ client (and raw sockets for requests no client would send): endpoints, formats, 
 the local model, auth, and survival of malformed requests."""
 import json
 import socket
-from pathlib import Path
 
 import openai
 import pytest
@@ -20,7 +19,6 @@ SECRET = "sk-test-SERVER-77aa1c9e"
 KEY_ENV = "SPEECHSUM_TEST_SERVER_KEY"
 MAX_BODY = 200_000
 READ_TIMEOUT = 1.5
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
