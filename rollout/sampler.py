@@ -19,7 +19,9 @@ broken by index) and top-p (the smallest set of most likely tokens whose mass re
 applied, and the token is the argmax of (filtered logits + Gumbel noise), which is an exact
 draw from the filtered softmax. temperature 0 means greedy (argmax of the raw logits).
 
-`Rollout.logprobs` is the log-probability of each sampled token under the model's *unmodified*
+`Rollout.logprobs` (with `SamplingParams(logprobs=True)`; None otherwise, because no stage of
+training reads them and a log-softmax over the whole vocabulary at every step is not free) is
+the log-probability of each sampled token under the model's *unmodified*
 distribution (temperature 1, no top-k/top-p): the quantity the KD and DPO losses need, equal to
 a teacher-forced forward over prompt + response (tests check 1e-5). One caveat with LongRoPE: the
 cache fixes the rotary factors by its capacity, prompt + max_new_tokens (model/decoder.py), so
@@ -62,6 +64,7 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] | None = None  # None: the model's (config.decoder.eos_token_ids); (): never stop
     num_samples: int = 1
     seed: int | None = None
+    logprobs: bool = False  # fill Rollout.logprobs (one log-softmax over the vocabulary per step)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -81,7 +84,8 @@ class Rollout:
     """Row r = sample r % N of prompt r // N (N = num_samples)."""
 
     tokens: torch.Tensor  # (B*N, L) generated ids, pad_token_id after a row stopped
-    logprobs: torch.Tensor  # (B*N, L) log p(token) under the unmodified model, 0 where masked
+    logprobs: torch.Tensor | None  # (B*N, L) log p(token) under the unmodified model, 0 where masked; None
+    # unless SamplingParams.logprobs
     mask: torch.Tensor  # (B*N, L) True on generated tokens up to and including the EOS
     lengths: torch.Tensor  # (B*N,) number of True entries of each mask row
     prompt_index: torch.Tensor  # (B*N,) which prompt each row continues
@@ -212,7 +216,7 @@ def generate(
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
     tokens = torch.full((rows, max_new), pad_token_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device)
+    logprobs = torch.zeros(rows, max_new, dtype=torch.float32, device=device) if params.logprobs else None
     mask = torch.zeros(rows, max_new, dtype=torch.bool, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
 
@@ -222,10 +226,11 @@ def generate(
     for step in range(max_new):
         allowed = logits if banned is None else logits.index_fill(-1, banned, float("-inf"))
         token = select_tokens(allowed, params, streams, step)  # (B*N,)
-        token_logprob = logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]  # log p(token), T = 1
         active = ~stopped
         tokens[:, step] = torch.where(active, token, pad_token_id)
-        logprobs[:, step] = torch.where(active, token_logprob, 0.0)
+        if logprobs is not None:
+            token_logprob = logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]  # log p(token), T = 1
+            logprobs[:, step] = torch.where(active, token_logprob, 0.0)
         mask[:, step] = active
         stopped = stopped | (active & torch.isin(token, eos))
         if step + 1 == max_new or ((step + 1) % stop_check_interval == 0 and bool(stopped.all())):
@@ -244,7 +249,7 @@ def generate(
     steps = int(lengths.max())  # >= 1: every row is active at step 0
     return Rollout(
         tokens=tokens[:, :steps],
-        logprobs=logprobs[:, :steps],
+        logprobs=None if logprobs is None else logprobs[:, :steps],
         mask=mask[:, :steps],
         lengths=lengths,
         prompt_index=torch.arange(num_prompts, device=device).repeat_interleave(num_samples),

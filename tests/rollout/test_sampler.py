@@ -91,7 +91,8 @@ def test_logprobs_equal_teacher_forced_log_softmax(pair, batch):
     lets padding shift a clip's encoding slightly, so the audio batch must be the same)."""
     _, ours = pair
     prompts, features, lengths = batch
-    params = SamplingParams(max_new_tokens=9, temperature=1.3, top_k=20, seed=5, num_samples=2, eos_token_ids=())
+    params = SamplingParams(max_new_tokens=9, temperature=1.3, top_k=20, seed=5, num_samples=2, eos_token_ids=(),
+                            logprobs=True)
     rollout = generate(ours, prompts, params, audio_features=features, audio_lengths=lengths)
     rows = range(rollout.tokens.shape[0])
     sequences = [torch.cat([prompts[int(rollout.prompt_index[r])], rollout.tokens[r]]) for r in rows]
@@ -116,8 +117,9 @@ def test_eos_stops_a_row_and_rows_equal_running_alone(pair, batch):
     free = generate(ours, prompts, SamplingParams(max_new_tokens=10, temperature=0, eos_token_ids=()),
                     audio_features=features, audio_lengths=lengths)
     eos = int(free.tokens[0, 3])  # row 0 will stop after its 4th token
-    params = SamplingParams(max_new_tokens=10, temperature=0, eos_token_ids=(eos, 250))
+    params = SamplingParams(max_new_tokens=10, temperature=0, eos_token_ids=(eos, 250), logprobs=True)
     rollout = generate(ours, prompts, params, audio_features=features, audio_lengths=lengths, pad_token_id=0)
+    assert free.logprobs is None  # asked for only where a caller reads them
     first_eos = free.tokens[0].tolist().index(eos)
     assert rollout.lengths[0] == first_eos + 1
     assert rollout.mask[0].tolist() == [True] * (first_eos + 1) + [False] * (rollout.mask.shape[1] - first_eos - 1)
