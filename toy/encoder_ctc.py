@@ -56,7 +56,7 @@ class MeetingAudio:
     """One meeting's log-mel and where each turn lies in it."""
 
     id: str
-    features: torch.Tensor  # (frames, 80) bfloat16
+    features: torch.Tensor  # (frames, 80) log-mel, bfloat16; or encoder states (frames / 8, D): pretrain.encode_meetings
     turns: list[tuple[int, int, str]]  # (first frame, end frame, words) per turn
 
     @property

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import shutil
 import sys
@@ -67,7 +68,8 @@ from rollout.sampler import SamplingParams, generate
 from rollout.teachers import teacher_prompt_ids
 
 from .corpus import ASR_INSTRUCTION, text_items, training_texts
-from .encoder_ctc import CTCRecognizer, CTCSteps, asr_report, build_encoder, load_meetings, max_turns_at, sample_span
+from .encoder_ctc import (CTCRecognizer, CTCSteps, MeetingAudio, asr_report, build_encoder, load_meetings, max_turns_at,
+                          sample_span)
 from .loop_state import load_state, save_state, warmup_cosine
 
 VOCAB_SIZE = 512
@@ -77,15 +79,17 @@ VOCAB_SIZE = 512
 class Steps:
     text_meetings: int = 6000  # text-only meetings (toy.corpus.text_items) added to the text data
     encoder: int = 2400  # CTC steps of the encoder alone (toy/encoder_ctc.py)
-    asr_frames: int = 6000  # log-mel frames (60 s of audio) per ASR batch, encoder and student
-    student: int = 1200  # half ASR batches (spans of turns up to whole meetings), half text batches
+    asr_frames: int = 6000  # log-mel frames (60 s of audio) per ASR batch of the encoder's CTC training
+    student_asr_frames: int = 12000  # log-mel frames (120 s) per ASR batch of the student (cut from encoder states)
+    student: int = 1200  # two ASR batches (spans of turns up to whole meetings) to one text batch
     teacher: int = 1500
     batch_size: int = 16  # text rows per text batch
     lr: float = 2e-3  # decoders
     encoder_lr: float = 2e-3  # the encoder's CTC training
 
 
-QUICK = Steps(text_meetings=40, encoder=20, asr_frames=1500, student=20, teacher=20, batch_size=4)
+QUICK = Steps(text_meetings=40, encoder=20, asr_frames=1500, student_asr_frames=1500, student=20, teacher=20,
+              batch_size=4)
 
 
 def student_config(tokenizer):
@@ -248,39 +252,81 @@ def decoder_asr(student: SpeechLM, tokenizer, max_new_tokens: int = 400, batch_s
     return transcribe
 
 
+class EncodedClips:
+    """Stands in for `model.encoder_cache` while the student aligns: the clips handed to the
+    model are already the frozen encoder's states (frames / 8, D_enc), so `SpeechLM.embed` takes
+    them as they are (projector, standardization and decoder run as always)."""
+
+    def encode(self, encoder, states: torch.Tensor, lengths: torch.Tensor | None, *, mask_padding: bool):
+        if lengths is None:
+            lengths = torch.full((states.shape[0],), states.shape[1], dtype=torch.long, device=states.device)
+        return states, lengths
+
+
+@torch.no_grad()
+def encode_meetings(encoder, meetings: list[MeetingAudio]) -> list[MeetingAudio]:
+    """Each whole meeting through the frozen encoder once: its states (frames / 8, D_enc) float32,
+    with the turn bounds moved to state frames, as a MeetingAudio (so `sample_span` cuts spans
+    of states as it cuts spans of log-mel). A span then keeps the context the encoder saw around
+    it in the whole meeting, which is what SFT, KD and DPO give the student."""
+    encoded = []
+    for meeting in meetings:
+        frames = meeting.features.shape[0]
+        states, counts = encoder(meeting.features.float()[None], torch.tensor([frames]), mask_padding=True)
+        count = int(counts[0])
+        scale = count / frames
+        turns = [(min(count - 1, int(start * scale)), min(count, math.ceil(end * scale)), text)
+                 for start, end, text in meeting.turns]
+        encoded.append(MeetingAudio(meeting.id, states[0, :count].clone(), turns))
+    return encoded
+
+
 def build_student(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, log, work: Path,
                   recognizer: CTCRecognizer, decoder_from: Path | None = None) -> dict:
     """The pre-training-stage student: `student_config`, its encoder the CTC-trained one (frozen),
-    projector and decoder trained on batches that alternate between ASR of spans of the
-    pretrain meetings (the curriculum of toy/encoder_ctc.py: one turn up to whole
-    meetings) and text instruction tuning. `decoder_from`: start the decoder from a student
-    checkpoint's (same tokenizer) instead of from scratch."""
+    projector and decoder trained on two ASR batches to one text batch. ASR rows are spans of
+    the pretrain meetings (the curriculum of toy/encoder_ctc.py, one turn growing to whole
+    meetings by 30% of the steps, then a quarter of the rows whole meetings) cut from encoder
+    states computed once per whole meeting (`encode_meetings`): the encoder is frozen, so this
+    is exact for whole meetings, gives spans the context they have in SFT, and makes a step
+    cost the decoder alone. Text rows are instruction tuning (transcript + instruction ->
+    reference). `decoder_from`: start the decoder (and projector) from a student checkpoint's
+    (same tokenizer) instead of from scratch."""
     torch.manual_seed(seed + 1)
     student = SpeechLM(student_config(tokenizer))
     student.encoder.load_state_dict(recognizer.encoder.state_dict())
     student.encoder.requires_grad_(False)
     if decoder_from is not None:
-        student.decoder.load_state_dict(load_pretrained(decoder_from).decoder.state_dict())
+        earlier = load_pretrained(decoder_from)
+        student.decoder.load_state_dict(earlier.decoder.state_dict())
+        student.projector.load_state_dict(earlier.projector.state_dict())
     texts = text_examples(tokenizer, corpus, ("teacher",), steps.text_meetings)
-    meetings = load_meetings(corpus, "pretrain")
+    started = time.perf_counter()
+    meetings = encode_meetings(student.encoder.eval(), load_meetings(corpus, "pretrain"))
+    log(f"[toy pretrain] student: {len(meetings)} pretrain meetings encoded once ({time.perf_counter() - started:.0f} s)")
     longest = max(len(m.turns) for m in meetings)
-    frames = student.encoder.num_output_frames
+    budget = max(1, steps.student_asr_frames // student.config.encoder.time_reduction)  # state frames per batch
     rng = random.Random(seed + 2)
 
     def next_batch(step: int) -> Batch:
-        if step % 2:
+        if step % 3 == 0:
             return collate(rng.sample(texts, min(steps.batch_size, len(texts))), tokenizer.pad_token_id)
-        limit, rows, total = max_turns_at(step, steps.student, longest), [], 0
-        while total < steps.asr_frames:
+        limit = max_turns_at(step, round(steps.student * 0.6), longest)  # whole meetings from 30% of the steps
+        rows, total = [], 0
+        while total < budget:
             meeting = rng.choice(meetings)
-            clip, text = sample_span(meeting, limit, rng, whole=limit >= longest and rng.random() < 0.25)
-            rows.append(asr_example(tokenizer, clip, text, frames))
-            total += clip.shape[0]
+            states, text = sample_span(meeting, limit, rng, whole=limit >= longest and rng.random() < 0.25)
+            rows.append(asr_example(tokenizer, states, text, lambda count: count))
+            total += states.shape[0]
         return collate(rows, tokenizer.pad_token_id)
 
     trainable = [p for p in student.parameters() if p.requires_grad]
-    loss = train(student, next_batch, steps.student, [{"params": trainable, "lr": steps.lr}],
-                 "student (ASR spans + text)", log, rng=rng, work=work / "student")
+    student.encoder_cache = EncodedClips()
+    try:
+        loss = train(student, next_batch, steps.student, [{"params": trainable, "lr": steps.lr}],
+                     "student (ASR spans of encoder states + text)", log, rng=rng, work=work / "student")
+    finally:
+        student.encoder_cache = None
     _save(student, tokenizer.path, out / "student")
     record = {"loss": loss, **asr_checks(decoder_asr(student, tokenizer), corpus)}
     record["validation_text"] = text_quality(student, tokenizer, read_rows(corpus, "validation"))
