@@ -51,11 +51,13 @@ calls), usage and bounded concurrency come from `rollout.api_client.ApiClient`.
 """
 from __future__ import annotations
 
+import base64
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -370,9 +372,7 @@ class OpenAICompatibleTeacher:
         )
         for b, value in zip(scored, values):
             length = len(responses[b])
-            out.ids[b, :length] = torch.tensor(value["ids"], dtype=torch.long)
-            out.logprobs[b, :length] = torch.tensor(value["logprobs"], dtype=torch.float64).float()
-            out.token_logprobs[b, :length] = torch.tensor(value["token_logprobs"], dtype=torch.float64).float()
+            out.ids[b, :length], out.logprobs[b, :length], out.token_logprobs[b, :length] = unpack_scores(value)
         return out
 
     # -----------------------------------------------------------------------------------------
@@ -385,14 +385,14 @@ class OpenAICompatibleTeacher:
                       "extra_body": {"prompt_logprobs": k}}
 
             def extract(body):
-                return parse_prompt_logprobs(body, sequence, len(prompt), k, where)
+                return pack_scores(parse_prompt_logprobs(body, sequence, len(prompt), k, where))
         else:
             params = {"model": self.model, "prompt": sequence, "max_tokens": 0, "echo": True, "logprobs": k,
                       "temperature": 0.0}
 
             def extract(body):
-                return parse_echo_logprobs(body, sequence, len(prompt), k, where, self._string_ids)
-        tag = {"teacher": f"{self.mode}/v1", "prompt_length": len(prompt)}
+                return pack_scores(parse_echo_logprobs(body, sequence, len(prompt), k, where, self._string_ids))
+        tag = {"teacher": f"{self.mode}/v2-packed", "prompt_length": len(prompt)}
         return ApiRequest("completions", params, extract, cache_tag=tag)
 
     def _string_ids(self, token: str) -> list[int]:
@@ -425,6 +425,30 @@ def _looks_chat_only(error: EndpointError) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # response parsing: body -> {"ids": [[k]] * T, "logprobs": [[k]] * T, "token_logprobs": [T]}
+
+
+def pack_scores(value: dict) -> dict:
+    """One response's scores as the client hands them on (and its cache stores them): the
+    arrays as base64 of little-endian int32 ids and float32 log-probs (the precision the loss
+    uses), with their shape. JSON lists of the same numbers take about 2.5x the bytes."""
+    ids = np.asarray(value["ids"], dtype="<i4").reshape(len(value["ids"]), -1)  # (T, k)
+    return {"shape": list(ids.shape), "ids": _b64(ids),
+            "logprobs": _b64(np.asarray(value["logprobs"], dtype="<f4")),
+            "token_logprobs": _b64(np.asarray(value["token_logprobs"], dtype="<f4"))}
+
+
+def unpack_scores(packed: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """`pack_scores`'s output -> ids (T, k) int64, logprobs (T, k) float32, token_logprobs (T,) float32."""
+    steps, k = packed["shape"]
+
+    def array(name: str, dtype: str, shape) -> Tensor:
+        return torch.from_numpy(np.frombuffer(base64.b64decode(packed[name]), dtype=dtype).reshape(shape).copy())
+    return (array("ids", "<i4", (steps, k)).long(), array("logprobs", "<f4", (steps, k)),
+            array("token_logprobs", "<f4", (steps,)))
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
 def _first_choice(body: dict, where: str) -> dict:
