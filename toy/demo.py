@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.safeio import atomic_write_text
+from rollout.child_server import ServerStartError, serving
 
 from .corpus import PRESETS, TEST_SPLITS, build_corpus
 from .report import RUN_FILE, VALIDATION, write_report
@@ -158,26 +158,14 @@ class Demo:
     def kd_through_server(self, folder: Path, start: Path, teacher: Path) -> None:
         """KD with the teacher served by rollout.server (loopback, any free port) and read through the
         top-20 logprob API adapter, as a GPT-4o-style endpoint would be."""
-        server = subprocess.Popen([self.python, "-m", "rollout.server", "--checkpoint", str(teacher), "--port", "0",
-                                   "--served-model-name", "toy-teacher", "--log-level", "WARNING"],
-                                  cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
-            ready, _, _ = select.select([server.stdout], [], [], SERVER_START_SECONDS)
-            line = server.stdout.readline() if ready else ""
-            if " at http://" not in line:
-                raise DemoError(f"rollout.server did not start within {SERVER_START_SECONDS} s (said {line.strip()!r}); "
-                                f"run it by hand to see why: python -m rollout.server --checkpoint {teacher}")
-            base_url = line.strip().split(" at ", 1)[1]
-            self.log(f"kd_top20: teacher served at {base_url}")
-            self.train("kd", folder, start, self.corpus / "kd.jsonl", 'kd.teacher="openai:toy-teacher"',
-                       f'kd.base_url="{base_url}"', "kd.top_k=20", 'kd.api_key_env=""')
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            with serving(teacher, "--log-level", "WARNING", model_name="toy-teacher", python=self.python,
+                         start_timeout_s=SERVER_START_SECONDS) as (_, base_url):
+                self.log(f"kd_top20: teacher served at {base_url}")
+                self.train("kd", folder, start, self.corpus / "kd.jsonl", 'kd.teacher="openai:toy-teacher"',
+                           f'kd.base_url="{base_url}"', "kd.top_k=20", 'kd.api_key_env=""')
+        except ServerStartError as error:
+            raise DemoError(str(error)) from None
 
     def preferences(self, folder: Path, start: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,41 +1,20 @@
-"""`python -m rollout.server` as a child process for the server tests, and raw-socket helpers for
-requests no client library would send."""
+"""The server as a child process for its tests (rollout.child_server, its log in a file), and
+raw-socket helpers for requests no client library would send."""
 from __future__ import annotations
 
 import contextlib
-import os
-import select
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
+from rollout.child_server import serving
 
 @contextlib.contextmanager
 def running_server(checkpoint, log_path: Path, *flags: str, env: dict | None = None):
-    """The server on a free port, its stderr in `log_path`; yields (process, base URL) and always
-    terminates it."""
-    log = open(log_path, "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rollout.server", "--checkpoint", str(checkpoint), "--port", "0",
-         "--served-model-name", "tiny", *flags],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE, stderr=log)
-    try:
-        ready, _, _ = select.select([process.stdout], [], [], 60)
-        line = process.stdout.readline().decode() if ready else ""
-        assert line.startswith("speechsum server: serving tiny at http://127.0.0.1:"), (
-            line + log_path.read_text(errors="replace")[-3000:])
-        yield process, line.split(" at ")[1].strip()
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
+    """The server on a free port, its stderr in `log_path`; yields (process, base URL)."""
+    with open(log_path, "w") as log, serving(checkpoint, *flags, model_name="tiny", stderr=log, start_timeout_s=60,
+                                             stop_timeout_s=10, env={"OMP_NUM_THREADS": "1", **(env or {})}) as served:
+        assert served[1].startswith("http://127.0.0.1:"), served[1]  # loopback unless told otherwise
+        yield served
 
 
 def address(url: str) -> tuple[str, int]:
