@@ -59,7 +59,9 @@ def test_abandoned_requests_are_cancelled_and_a_full_queue_answers_503(checkpoin
     text = log_path.read_text()
     cancelled = re.findall(r"POST /v1/completions cancelled: the client closed the connection \((\d+\.\d+)s\)", text)
     assert len(cancelled) == 2, text[-3000:]
-    assert all(float(seconds) < 5.0 for seconds in cancelled), cancelled  # against ~10 s each to the end
+    # both hung up about 1.1 s after sending (the sleep and the 503 exchange); a decode chunk is
+    # milliseconds, running to the end ~10 s each
+    assert all(float(seconds) < 2.0 for seconds in cancelled), cancelled
 
 
 def test_a_request_past_its_deadline_gets_503_and_the_server_goes_on(checkpoint, tmp_path):
