@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# transformers 4.x in its own environment: the tests load our checkpoints with both majors
+TF4_VENV := .venv-tf4
+TF4_STAMP := $(TF4_VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo toy-corpus pretrain-toy bench clean
@@ -16,7 +19,13 @@ $(STAMP): setup.py constraints/test.txt
 	$(PY) -m pip install --quiet -c constraints/test.txt -e ".[dev,phi4mm,demo]"
 	touch $(STAMP)
 
-test: $(STAMP)
+$(TF4_STAMP): constraints/test.txt
+	test -x $(TF4_VENV)/bin/python || $(PYTHON) -m venv $(TF4_VENV)
+	$(TF4_VENV)/bin/python -m pip install --quiet -c constraints/test.txt torch==2.13.0 "transformers==4.57.6" \
+	  safetensors numpy
+	touch $(TF4_STAMP)
+
+test: $(STAMP) $(TF4_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 TOY_PRESET ?= demo
@@ -41,4 +50,4 @@ bench: $(STAMP)
 	@for name in $(BENCHES); do echo "== bench/$$name.py"; $(PY) bench/$$name.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TF4_VENV) .pytest_cache

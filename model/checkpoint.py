@@ -329,6 +329,12 @@ def native_config(config: SpeechLMConfig) -> dict:
         "max_position_embeddings": dec.max_position_embeddings,
         "original_max_position_embeddings": dec.original_max_position_embeddings,
         "rope_parameters": rope,
+        # transformers 4.x reads these instead (without them it takes no LongRoPE and a full rotary
+        # dimension, and its logits drift by ~0.5); 5.x reads rope_parameters and ignores them
+        "rope_theta": dec.rope_theta,
+        "partial_rotary_factor": dec.partial_rotary_factor,
+        "rope_scaling": ({"type": "longrope", "short_factor": dec.short_factor, "long_factor": dec.long_factor}
+                         if dec.rope_type == "longrope" else None),
         "tie_word_embeddings": dec.tie_word_embeddings,
         "bos_token_id": dec.bos_token_id,
         "eos_token_id": list(dec.eos_token_ids),

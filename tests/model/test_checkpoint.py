@@ -1,5 +1,7 @@
 """Checkpoint loading: key coverage at full size, round trips, sharding and bad input."""
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +178,48 @@ def test_resave_replaces_weights_keeps_other_files_and_leaves_no_temporaries(tmp
 def _saved_tiny(tmp_path):
     random_model(tiny_config(seed=1), seed=4).save_pretrained(tmp_path / "hf")
     return tmp_path / "hf"
+
+
+TRANSFORMERS_4_ENV = Path(__file__).resolve().parents[2] / ".venv-tf4"  # made by `make test` (Makefile)
+TRANSFORMERS_4 = TRANSFORMERS_4_ENV / "bin" / "python"
+TRANSFORMERS_4_LOGITS = """
+import sys, torch, transformers
+model = transformers.Phi4MultimodalForCausalLM.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+ids = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    torch.save({"logits": model(input_ids=ids).logits, "version": transformers.__version__}, sys.argv[3])
+"""
+
+
+def test_a_saved_longrope_checkpoint_loads_in_transformers_5_and_4(tmp_path):
+    """save_pretrained writes rope_parameters (transformers 5) and, beside it, rope_theta,
+    partial_rotary_factor and rope_scaling (what 4.x reads; without them 4.57 builds a model with
+    a full rotary dimension and no LongRoPE, 0.48 off). Both majors then give our logits, on a
+    sequence past original_max_position_embeddings (the long factors). transformers 4.57 runs in
+    its own environment (.venv-tf4, made by `make test`); without it that half is skipped."""
+
+
+    random_model(tiny_config(seed=1), seed=4).save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf").eval()
+    save_pretrained(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    rope = config["rope_parameters"]
+    assert config["rope_scaling"] == {"type": "longrope", "short_factor": rope["short_factor"],
+                                      "long_factor": rope["long_factor"]}
+    assert (config["rope_theta"], config["partial_rotary_factor"]) == (rope["rope_theta"], 0.75)
+    ids = random_ids(2, 48, seed=5)  # past original_max_position_embeddings = 32
+    with torch.no_grad():
+        expected = ours(ids)
+        reloaded = transformers.Phi4MultimodalForCausalLM.from_pretrained(tmp_path / "ours",
+                                                                          attn_implementation="eager").eval()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    if not (TRANSFORMERS_4_ENV / ".installed").exists():
+        pytest.skip(f"no transformers 4.x environment at {TRANSFORMERS_4_ENV} (make test builds it)")
+    torch.save(ids, tmp_path / "ids.pt")
+    done = subprocess.run([str(TRANSFORMERS_4), "-c", TRANSFORMERS_4_LOGITS, str(tmp_path / "ours"),
+                           str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")], capture_output=True, text=True,
+                          timeout=300, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert result["version"].startswith("4.57")
+    torch.testing.assert_close(result["logits"], expected, rtol=0, atol=1e-5)
