@@ -307,6 +307,10 @@ def _attach_speech_lora(model: SpeechLM, lora_weights: dict, dtype: torch.dtype)
 # ---------------------------------------------------------------------------------------------
 # saving
 
+VISION_PLACEHOLDER = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "image_size": 28, "crop_size": 28, "patch_size": 14}
+
+
 def native_config(config: SpeechLMConfig) -> dict:
     """A transformers-native config.json for `config`, plus our exact config under "speechsum"."""
     dec = config.decoder
@@ -340,6 +344,9 @@ def native_config(config: SpeechLMConfig) -> dict:
         "eos_token_id": list(dec.eos_token_ids),
         "pad_token_id": dec.pad_token_id,
         "speechsum": config.to_dict(),
+        # this project keeps no vision tower; transformers 4.57 cannot even print a config without
+        # one, so a one-layer placeholder (random weights wherever it is built) stands in
+        "vision_config": dict(VISION_PLACEHOLDER),
     }
     if config.encoder is not None:
         enc = config.encoder
