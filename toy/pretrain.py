@@ -20,12 +20,14 @@ model (GPT-4o in text mode). This script builds the toy stand-ins, in this order
                 (toy/encoder_ctc.py: spans of turns growing to whole meetings, SpecAugment,
                 the pretrain split's 333 training voices).
   4. student    `model.toy()` sizes; its encoder the CTC-trained one, frozen (as in SFT, KD and
-                DPO); projector and decoder trained on batches alternating between (a) ASR of
-                spans of the pretrain meetings, the curriculum of step 3 up to whole meetings,
-                and (b) text instruction tuning (transcript + instruction -> reference, the
-                teacher's prompt) on teacher.jsonl and the text-only meetings: the toy
-                "Phi-4-mini", which in text mode is also the weak teacher of the ablation
-                (`--decoder-from DIR` starts its decoder from a student checkpoint's).
+                DPO); projector and decoder trained on two batches of (a) to one of (b): (a) ASR
+                of spans of the pretrain meetings, one turn growing to whole meetings, cut from
+                encoder states computed once per whole meeting (`encode_meetings`: exact for the
+                frozen encoder, and a step then costs the decoder alone), (b) text instruction
+                tuning (transcript + instruction -> reference, the teacher's prompt) on
+                teacher.jsonl and the text-only meetings: the toy "Phi-4-mini", which in text
+                mode is also the weak teacher of the ablation (`--decoder-from DIR` starts its
+                decoder and projector from a student checkpoint's).
                 Checked by greedy transcripts of whole meetings, 6-turn windows and single
                 turns of `validation` (training voices) and `validation_voices` (unseen
                 voices), and in text mode on the validation split.
