@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -393,20 +394,12 @@ def _bounded_int(digits: str) -> int:
 
 def _keeping_repeats(repeated: list):
     """json's object_pairs_hook: the dict json would build (the last value of a key wins), with
-    each top-level key given more than once appended to `repeated` as (key, last value)."""
-    def build(pairs):
-        row, seen = {}, set()
-        for key, value in pairs:
-            if key in seen:
-                repeated.append((key, None))
-            seen.add(key)
-            row[key] = value
-        return row
-
+    each key given more than once appended to `repeated` as (key, last value)."""
     def hook(pairs):
-        start = len(repeated)
-        row = build(pairs)
-        repeated[start:] = [(key, row[key]) for key, _ in repeated[start:]]
+        row = dict(pairs)
+        if len(row) < len(pairs):
+            counts = Counter(key for key, _ in pairs)
+            repeated.extend((key, row[key]) for key in row if counts[key] > 1)
         return row
     return hook
 
