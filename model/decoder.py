@@ -56,19 +56,23 @@ class RotaryEmbedding(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the inverse frequencies; called again after loading on the meta device."""
+        """(Re)compute the inverse frequencies; called again after loading on the meta device.
+        Computed on the CPU and moved to `device` (default: the current default device): on the
+        meta device torch's arithmetic goes through torch._refs, whose first use imports
+        torch._dynamo, seconds of a process's start."""
         cfg = self.config
+        device = torch.empty(0).device if device is None else device
         dim = cfg.rotary_dim
-        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim  # (dim/2,)
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim  # (dim/2,)
         base_power = cfg.rope_theta**exponent  # theta^(2i/d)
         if cfg.rope_type == "longrope":
-            short = torch.tensor(cfg.short_factor, dtype=torch.float32, device=device)
-            long = torch.tensor(cfg.long_factor, dtype=torch.float32, device=device)
+            short = torch.tensor(cfg.short_factor, dtype=torch.float32, device="cpu")
+            long = torch.tensor(cfg.long_factor, dtype=torch.float32, device="cpu")
             short_inv_freq, long_inv_freq = 1.0 / (short * base_power), 1.0 / (long * base_power)
         else:
             short_inv_freq = long_inv_freq = 1.0 / base_power
-        self.register_buffer("short_inv_freq", short_inv_freq, persistent=False)
-        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+        self.register_buffer("short_inv_freq", short_inv_freq.to(device), persistent=False)
+        self.register_buffer("long_inv_freq", long_inv_freq.to(device), persistent=False)
 
     def _apply(self, fn, recurse=True):
         """`.to(device)` moves the frequencies; `.to(torch.bfloat16)` must not round them (at
@@ -177,7 +181,10 @@ class Phi4MiniDecoder(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        embedding = torch.empty(config.vocab_size, config.hidden_size)
+        if not embedding.is_meta:  # nn.Embedding's N(0, 1), skipped on the meta device (load_pretrained),
+            nn.init.normal_(embedding)  # where it goes through torch._refs and imports torch._dynamo (seconds)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
@@ -190,7 +197,10 @@ class Phi4MiniDecoder(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Fresh weights as transformers initialises Phi-3/Phi-4: N(0, 0.02) projections and
-        embeddings, unit norms. Checkpoint loading overwrites all of them."""
+        embeddings, unit norms. Checkpoint loading overwrites all of them, so a model built on the
+        meta device (load_pretrained) is left as it is."""
+        if self.embed_tokens.weight.is_meta:
+            return
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(0.0, std)

@@ -139,7 +139,11 @@ class RelativeAttentionBias(nn.Module):
         super().__init__()
         self.max_distance = max_distance
         self.symmetric = symmetric
-        self.bias_values = nn.Embedding(max_distance if symmetric else 2 * max_distance, num_heads)
+        rows = max_distance if symmetric else 2 * max_distance
+        weight = torch.empty(rows, num_heads)
+        if not weight.is_meta:  # nn.Embedding's N(0, 1), skipped on the meta device (it imports torch._dynamo there)
+            nn.init.normal_(weight)
+        self.bias_values = nn.Embedding(rows, num_heads, _weight=weight)
 
     def forward(self, length: int) -> torch.Tensor:
         positions = torch.arange(length, device=self.bias_values.weight.device)

@@ -24,11 +24,21 @@ configs/toy/demo_*.toml (the A100 recipes in configs/phi4mm/ differ in sizes onl
               text mode (`text:DIR`) included; frozen-encoder outputs are cached in WORK/encoder_cache
   report      OUT/REPORT.md, OUT/results.json, OUT/results.png (this module's `write_report`)
 
+Stages run as soon as the ones they need have finished, `--jobs` at a time (default: up to 4,
+one per CPU core), each entry point with `--threads` torch threads (default: the cores shared
+out, one each on a 2-core laptop). Small models use a second thread poorly (an SFT step on
+2 threads is about 1.4x faster than on 1), so two stages side by side on one thread each
+finish sooner than the same stages one after the other on two. The evaluation is split the
+same way: `eval_NAME` decodes and judges one checkpoint as soon as it exists (into WORK/eval,
+eval.run's caches), and the final `eval` stage reads them all back, decoding nothing, to
+write the tables. With more than one job, a stage's output goes to WORK/STAGE/log.txt (its
+last lines are printed if it fails); with `--jobs 1`, to the terminal.
+
 A stage whose folder holds a `DONE` stamp is skipped, so a rerun reuses finished stages (and a
 killed training stage resumes from its last checkpoint, train/loop.py); eval runs every time,
 eval.run's own caches re-decoding only checkpoints that changed. WORK/run.json records the
 corpus, the models and the mode; a rerun with other inputs is refused (--fresh starts over). Progress: one line per
-stage on stdout plus the entry points' own output. Everything is decided before the final
+stage on stdout (plus, with `--jobs 1`, the entry points' own output). Everything is decided before the final
 evaluation: the oracle judge, the splits and the hyper-parameters in the configs were fixed on
 training losses and the validation split, never on test scores (the test splits are read by the
 eval stage only); the report states each claim's outcome as measured.
@@ -45,6 +55,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +70,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "toy" / "checkpoints"
 SERVER_START_SECONDS = 300
 EVAL_SPLITS = (VALIDATION, *TEST_SPLITS)  # eval.run's benchmark names, one manifest each in the corpus folder
+LOG_FILE = "log.txt"  # a stage's output when several run at once
+EVALUATED = {  # eval.run's checkpoint names -> the stage that makes each (None: shipped)
+    "teacher_text": None, "student_text": None, "pretrain": None, "sft": "sft", "sft_kd": "kd", "sft_kd_dpo": "dpo",
+    "sft_dpo": "dpo_sft", "sft_kd_weak": "kd_weak", "sft_kd_top20": "kd_top20",
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,17 @@ QUICK = Mode("quick", sft=("optim.epochs=1.0",), kd=("optim.epochs=0.5", "kd.max
              dpo=("optim.epochs=1.0",), preferences=("--max-new-tokens", "48"), max_new_tokens=48, quick=True)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the run: `run(folder)` once every stage named in `after` has finished.
+    `always`: run even when its DONE stamp exists (an entry point that caches its own work)."""
+
+    name: str
+    run: Callable[[Path], None]
+    after: tuple[str, ...] = ()
+    always: bool = False
+
+
 @dataclass
 class Demo:
     work: Path
@@ -87,6 +115,8 @@ class Demo:
     corpus: Path
     models: Path
     python: str = sys.executable
+    jobs: int = 1  # stages at a time
+    threads: int | None = None  # torch threads per entry point (None: torch's default)
     timings: dict[str, float] = field(default_factory=dict)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -105,7 +135,7 @@ class Demo:
             self.timings[name] = seconds
             self.log(f"{name}: done before, reused ({folder})")
             return folder
-        self.log(f"{name}: running")
+        self.log(f"{name}: running" + (f" (log: {folder / LOG_FILE})" if self.jobs > 1 else ""))
         started = time.perf_counter()
         run(folder)
         last = round(time.perf_counter() - started, 1)
@@ -116,19 +146,59 @@ class Demo:
         self.log(f"{name}: finished in {last:.0f} s")
         return folder
 
-    def call(self, module: str, *args: str) -> None:
+    def run_stages(self, stages: list[Stage]) -> None:
+        """Run `stages`, up to `self.jobs` at a time, each as soon as the stages it needs are done;
+        among the ready ones, list order first (the longest chain is listed first). After a
+        failure nothing new starts; the running stages finish, then the first error is raised."""
+        pending, finished, errors = list(stages), set(), []
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            running = {}
+            while True:
+                ready = [s for s in pending if set(s.after) <= finished] if not errors else []
+                for stage in ready[: self.jobs - len(running)]:
+                    pending.remove(stage)
+                    running[pool.submit(self.stage, stage.name, stage.run, always=stage.always)] = stage
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    stage = running.pop(future)
+                    try:
+                        future.result()
+                        finished.add(stage.name)
+                    except Exception as error:  # noqa: BLE001 - re-raised below, once the others finish
+                        errors.append(error)
+        if errors:
+            raise errors[0]
+        if pending:  # a bug in the plan: a stage waits for one that does not exist
+            raise RuntimeError(f"stages never started: {[s.name for s in pending]}")
+
+    def call(self, folder: Path, module: str, *args: str) -> None:
+        """`python -m module args` from the repository root, with `self.threads` torch threads;
+        with several jobs its output is appended to folder/log.txt."""
         command = [self.python, "-m", module, *args]
-        result = subprocess.run(command, cwd=ROOT)
+        env = dict(os.environ)
+        if self.threads:
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        if self.jobs == 1:
+            result = subprocess.run(command, cwd=ROOT, env=env)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / LOG_FILE, "a", encoding="utf-8") as log:
+                log.write(f"$ {' '.join(command)}\n")
+                log.flush()
+                result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if result.returncode != 0:
-            raise DemoError(f"`{' '.join(command)}` failed with exit status {result.returncode}; fix the cause "
-                            f"above and rerun: finished stages are reused")
+            raise DemoError(f"`{' '.join(command)}` failed with exit status {result.returncode}"
+                            f"{_log_tail(folder / LOG_FILE) if self.jobs > 1 else ''}; fix the cause "
+                            f"and rerun: finished stages are reused")
 
     def train(self, stage: str, folder: Path, start: Path, manifest: Path, *overrides: str) -> None:
         """train.STAGE with configs/toy/demo_STAGE.toml; SFT logs its loss on the validation split
         (data.eval), the measure its epochs were chosen by."""
         config = ROOT / "configs" / "toy" / f"demo_{stage}.toml"
         held_out = (f'data.eval=["{self.corpus / "validation.jsonl"}"]',) if stage == "sft" else ()
-        self.call(f"train.{stage}", "--config", str(config), f'model.checkpoint="{start}"',
+        self.call(folder, f"train.{stage}", "--config", str(config), f'model.checkpoint="{start}"',
                   f'data.train=["{manifest}"]', f'run.out_dir="{folder}"',
                   f'data.feature_cache="{self.work / "features"}"', f'model.encoder_cache="{self.encoder_cache}"',
                   *held_out, *getattr(self.mode, stage), *overrides)
@@ -140,27 +210,46 @@ class Demo:
 
     # -- stages --------------------------------------------------------------------------------
 
-    def run(self) -> Path:
-        models = self.models
+    def plan(self) -> list[Stage]:
+        """Every stage, the chain SFT -> KD -> pairs -> DPO first (the longest), each checkpoint's
+        evaluation as soon as it exists, the tables last."""
+        models, work = self.models, self.work
         student, teacher = models / "student", models / "teacher"
-        sft = self.stage("sft", lambda f: self.train("sft", f, student, self.corpus / "sft.jsonl")) / "merged"
-        kd = self.stage("kd", lambda f: self.train("kd", f, sft, self.corpus / "kd.jsonl",
-                                                   f'kd.teacher="local:{teacher}"')) / "merged"
-        self.stage("kd_top20", lambda f: self.kd_through_server(f, sft, teacher))
-        self.stage("kd_weak", lambda f: self.train("kd", f, sft, self.corpus / "kd.jsonl",
-                                                   f'kd.teacher="local:{student}"'))
-        for suffix, start in (("", kd), ("_sft", sft)):
-            pairs = self.stage(f"pairs{suffix}", lambda f, start=start: self.preferences(f, start)) / "pairs.jsonl"
-            self.stage(f"dpo{suffix}", lambda f, start=start, pairs=pairs: self.dpo(f, start, pairs))
-        self.stage("eval", self.evaluate, always=True)
+        sft, kd = work / "sft" / "merged", work / "kd" / "merged"
+        stages = [
+            Stage("sft", lambda f: self.train("sft", f, student, self.corpus / "sft.jsonl")),
+            Stage("kd", lambda f: self.train("kd", f, sft, self.corpus / "kd.jsonl", f'kd.teacher="local:{teacher}"'),
+                  after=("sft",)),
+            Stage("pairs", lambda f: self.preferences(f, kd), after=("kd",)),
+            Stage("dpo", lambda f: self.dpo(f, kd, work / "pairs" / "pairs.jsonl"), after=("pairs",)),
+            Stage("kd_top20", lambda f: self.kd_through_server(f, sft, teacher), after=("sft",)),
+            Stage("kd_weak", lambda f: self.train("kd", f, sft, self.corpus / "kd.jsonl", f'kd.teacher="local:{student}"'),
+                  after=("sft",)),
+            Stage("pairs_sft", lambda f: self.preferences(f, sft), after=("sft",)),
+            Stage("dpo_sft", lambda f: self.dpo(f, sft, work / "pairs_sft" / "pairs.jsonl"), after=("pairs_sft",)),
+        ]
+        evaluations = [Stage(f"eval_{name}", lambda f, name=name: self.evaluate(f, (name,)),
+                             after=() if made_by is None else (made_by,))
+                       for name, made_by in EVALUATED.items()]
+        by_chain = {"sft_kd_dpo": 0, "sft_kd": 1, "sft": 2}  # the longest chain's evaluations before the others'
+        evaluations.sort(key=lambda s: by_chain.get(s.name.removeprefix("eval_"), 3))
+        tables = Stage("eval", lambda f: self.evaluate(f, tuple(EVALUATED)), after=tuple(s.name for s in evaluations),
+                       always=True)
+        return [*stages, *evaluations, tables]
+
+    def run(self) -> Path:
+        started = time.perf_counter()
+        self.run_stages(self.plan())
+        self.timings["all stages, wall clock"] = round(time.perf_counter() - started, 1)
         return write_report(self.work, self.out, self.corpus, self.models, self.timings, quick=self.mode.quick)
 
     def kd_through_server(self, folder: Path, start: Path, teacher: Path) -> None:
         """KD with the teacher served by rollout.server (loopback, any free port) and read through the
         top-20 logprob API adapter, as a GPT-4o-style endpoint would be."""
+        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else None
         try:
             with serving(teacher, "--log-level", "WARNING", model_name="toy-teacher", python=self.python,
-                         start_timeout_s=SERVER_START_SECONDS) as (_, base_url):
+                         env=env, start_timeout_s=SERVER_START_SECONDS) as (_, base_url):
                 self.log(f"kd_top20: teacher served at {base_url}")
                 self.train("kd", folder, start, self.corpus / "kd.jsonl", 'kd.teacher="openai:toy-teacher"',
                            f'kd.base_url="{base_url}"', "kd.top_k=20", 'kd.api_key_env=""')
@@ -169,7 +258,7 @@ class Demo:
 
     def preferences(self, folder: Path, start: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.call("eval.preferences", "--checkpoint", str(start), "--manifest", str(self.corpus / "dpo.jsonl"),
+        self.call(folder, "eval.preferences", "--checkpoint", str(start), "--manifest", str(self.corpus / "dpo.jsonl"),
                   "--judge", "oracle", "--out", str(folder / "pairs.jsonl"), "--seed", "0", *self.mode.preferences)
 
     def dpo(self, folder: Path, start: Path, pairs: Path) -> None:
@@ -197,19 +286,33 @@ class Demo:
             "sft_kd_top20": str(work / "kd_top20" / "merged"),
         }
 
-    def evaluate(self, folder: Path) -> None:
-        """eval.run on validation and the three test splits, every checkpoint present."""
+    def evaluate(self, folder: Path, names: tuple[str, ...]) -> None:
+        """eval.run on validation and the three test splits for the checkpoints `names` that exist
+        (a skipped DPO stage leaves none), into WORK/eval: its per-checkpoint caches let several
+        of these run side by side and the last one, over every name, decode nothing."""
         present = {name: spec for name, spec in self.checkpoints().items()
-                   if (Path(spec.removeprefix("text:")) / "config.json").exists()}
+                   if name in names and (Path(spec.removeprefix("text:")) / "config.json").exists()}
+        if not present:
+            folder.mkdir(parents=True, exist_ok=True)
+            return
         benchmarks = [f"{split}=jsonl:{self.corpus / f'{split}.jsonl'}" for split in EVAL_SPLITS]
-        self.call("eval.run", "--checkpoint", *(f"{name}={spec}" for name, spec in present.items()),
+        self.call(folder, "eval.run", "--checkpoint", *(f"{name}={spec}" for name, spec in present.items()),
                   "--benchmark", *benchmarks, "--encoder-cache", str(self.encoder_cache),
-                  "--judge", "oracle", "--out", str(folder), "--batch-size", str(self.mode.eval_batch),
+                  "--judge", "oracle", "--out", str(self.work / "eval"), "--batch-size", str(self.mode.eval_batch),
                   "--max-new-tokens", str(self.mode.max_new_tokens), "--device", "cpu")
 
 
 class DemoError(RuntimeError):
     """A demo step that cannot go on; the message says which and what to do."""
+
+
+def _log_tail(log: Path, lines: int = 25) -> str:
+    """The last `lines` lines of a stage's log, for an error message."""
+    try:
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return f"; the end of {log}:\n" + "\n".join(f"    {line}" for line in tail) + "\n"
 
 
 def _stamp_seconds(done: Path) -> float | None:
@@ -280,6 +383,16 @@ def prepare_models(corpus: Path, work: Path, mode: Mode, pretrain: bool, python:
     return target
 
 
+def parallelism(jobs: int | None, threads: int | None) -> tuple[int, int]:
+    """(stages at a time, torch threads each): by default one stage per CPU core this process may
+    use, at most 4 (the widest point of the plan after SFT), and the cores shared out."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if jobs is not None and jobs < 1 or threads is not None and threads < 1:
+        raise DemoError(f"--jobs and --threads must be at least 1, got {jobs} and {threads}")
+    jobs = jobs or max(1, min(4, cores))
+    return jobs, threads or max(1, cores // jobs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="SFT -> on-policy KD -> DPO on the toy spoken-meetings world, on CPU.")
     parser.add_argument("--quick", action="store_true", help="the quick preset and a few steps (a smoke run)")
@@ -289,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain", action="store_true",
                         help="build the pre-training-stage checkpoints here instead of using the shipped ones")
     parser.add_argument("--fresh", action="store_true", help="delete the stage folders first (the corpus stays)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="stages at a time (default: one per CPU core, at most 4)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per stage (default: the CPU cores divided by --jobs)")
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else DEMO
     suffix = "-quick" if args.quick else ""
@@ -310,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         models = prepare_models(corpus, work, mode, args.pretrain, sys.executable)
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_text(work / RUN_FILE, json.dumps({**inputs, "models": str(models)}, indent=1) + "\n")
-        demo = Demo(work, out, mode, corpus, models)
+        jobs, threads = parallelism(args.jobs, args.threads)
+        demo = Demo(work, out, mode, corpus, models, jobs=jobs, threads=threads)
+        demo.log(f"{jobs} stage(s) at a time, {threads} torch thread(s) each")
         report = demo.run()
     except DemoError as error:
         print(f"[demo] error: {error}", file=sys.stderr)

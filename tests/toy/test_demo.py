@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("sft", "kd", "kd_top20", "kd_weak", "pairs", "dpo", "pairs_sft", "dpo_sft", "eval")
+EVALUATED = ("teacher_text", "student_text", "pretrain", "sft", "sft_kd", "sft_kd_dpo", "sft_dpo", "sft_kd_weak",
+             "sft_kd_top20")
+STAGES = ("sft", "kd", "kd_top20", "kd_weak", "pairs", "dpo", "pairs_sft", "dpo_sft",
+          *(f"eval_{name}" for name in EVALUATED), "eval")
 ROWS = {"validation": 8, "test_in": 12, "test_voices": 8, "test_shifted": 12}  # quick preset: meetings x 2 instructions
 
 
@@ -23,11 +26,13 @@ ROWS = {"validation": 8, "test_in": 12, "test_voices": 8, "test_shifted": 12}  #
 def test_quick_demo_end_to_end_and_rerun(tmp_path):
     work, out = tmp_path / "runs", tmp_path / "results"
     command = [sys.executable, "-m", "toy.demo", "--quick", "--work", str(work), "--out", str(out),
-               "--corpus-root", str(tmp_path / "corpus")]
+               "--corpus-root", str(tmp_path / "corpus"), "--jobs", "2", "--threads", "1"]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for stage in STAGES:
         assert (work / stage / "DONE").exists(), stage
+    assert "2 stage(s) at a time, 1 torch thread(s) each" in first.stdout
+    assert "$ " in (work / "sft" / "log.txt").read_text()  # with two jobs, each stage's output goes to its log
 
     results = json.loads((out / "results.json").read_text())
     assert results["quick"] is True
