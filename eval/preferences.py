@@ -168,12 +168,14 @@ def judge_source(entry: ManifestEntry) -> str:
 
 
 def run(manifests: Sequence[str | Path], out: str | Path, model, tokenizer, judge, config: SamplingConfig, *,
-        policy: DurationPolicy = DurationPolicy(), strict: bool = False,
+        policy: DurationPolicy = DurationPolicy(), strict: bool = False, feature_cache: str | Path | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the pairs of `manifests` to `out` (resuming), print and return the statistics.
 
-    `model`: the student SpeechLM; `judge`: `eval.judge.OpenAIJudge` or anything with its
-    `prefer_many(items) -> [Preference]`, `model` and `usage`.
+    `model`: the student SpeechLM (with `model.encoder_cache` set, its frozen encoder's outputs
+    come from that cache); `judge`: `eval.judge.OpenAIJudge` or anything with its
+    `prefer_many(items) -> [Preference]`, `model` and `usage`; `feature_cache`: a folder of log-mel
+    features (data.dataset.FeatureCache), shared with training.
     """
     from rollout.sampler import SamplingParams
 
@@ -191,7 +193,7 @@ def run(manifests: Sequence[str | Path], out: str | Path, model, tokenizer, judg
     todo = [entry for entry in report.entries if entry.id not in done]
     dataset = ManifestDataset(todo, tokenizer, task="prompt", shuffle=False, strict=strict, policy=policy,
                               max_context=model.config.decoder.max_position_embeddings,
-                              reserve_tokens=config.max_new_tokens)
+                              reserve_tokens=config.max_new_tokens, feature_cache=feature_cache)
     run_stats = Counter(recordings=len(report.entries), invalid_lines=len({(i.file, i.line) for i in report.errors}),
                         resumed=len(report.entries) - len(todo))
     by_id = {entry.id: entry for entry in dataset.entries}
@@ -310,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="", help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--strict", action="store_true", help="stop on the first bad line or sample")
+    parser.add_argument("--feature-cache", default=None, help="log-mel features cached here (shared with training)")
+    parser.add_argument("--encoder-cache", default=None,
+                        help="frozen-encoder outputs cached here per clip (model/encoder_cache.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -320,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), device=device)
         tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+        if args.encoder_cache and model.encoder is not None:
+            from model.encoder_cache import EncoderOutputCache
+
+            model.encoder.requires_grad_(False)
+            model.encoder_cache = EncoderOutputCache(args.encoder_cache, model.encoder)
         if args.judge == "oracle":  # the toy world's judge: scores from each row's judge_source record
             from toy.oracle import OracleJudge
 
@@ -330,7 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
         run(args.manifest, args.out, model, tokenizer, judge, config, strict=args.strict,
-            policy=DurationPolicy(args.max_duration or None, args.on_too_long))
+            policy=DurationPolicy(args.max_duration or None, args.on_too_long), feature_cache=args.feature_cache)
+        if model.encoder_cache is not None:
+            model.encoder_cache.record_usage(f"eval.preferences {args.out}")
     except (ApiError, ValueError, OSError) as error:
         return report_error("eval.preferences", error)
     return 0

@@ -252,6 +252,7 @@ class CheckpointDecoder:
     def close(self) -> None:
         if self.model is not None and self.model.encoder_cache is not None:
             logger.info("%s: %s", self.directory, self.model.encoder_cache.summary())
+            self.model.encoder_cache.record_usage(f"eval.run {self.directory}")
         self.model = self.tokenizer = None
         gc.collect()
         if self.device.type == "cuda":

@@ -21,11 +21,20 @@ the cache gives the clip-alone value (what the reference gives a single clip).
 A trainable encoder is refused (`EncoderTrainableError`, at every call): its outputs change with
 every step, so cached ones would be stale. The weights are hashed once: loading other weights
 into the same encoder object needs a new cache object.
+
+What it saved: `summary()` says it in words; `record_usage()` (called by the training recipes
+and eval.run when they finish) appends the counts as one JSON line to `{directory}/usage.jsonl`
+(one write with O_APPEND, so processes that share the folder do not interleave), and
+`read_usage(directory)` adds them up: make demo's report states the encoding seconds the cache
+saved over the whole run.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +42,8 @@ from torch import nn
 from .safeio import TensorStore
 
 CACHE_VERSION = 1
+USAGE_FILE = "usage.jsonl"
+USAGE_FIELDS = ("hits", "misses", "hit_frames", "miss_frames", "encode_seconds")
 
 
 class EncoderTrainableError(RuntimeError):
@@ -68,6 +79,17 @@ class EncoderOutputCache:
     def summary(self) -> str:
         return (f"encoder cache: {self.hits} clips read, {self.misses} encoded in {self.encode_seconds:.1f} s; "
                 f"the reads saved about {self.saved_seconds():.1f} s of encoding")
+
+    def record_usage(self, who: str) -> None:
+        """Append this object's counts, under the name `who`, to `{directory}/usage.jsonl`."""
+        line = json.dumps({"who": who, "hits": self.hits, "misses": self.misses, "hit_frames": self.hit_frames,
+                           "miss_frames": self.miss_frames, "encode_seconds": round(self.encode_seconds, 3),
+                           "saved_seconds": round(self.saved_seconds(), 3)}) + "\n"
+        fd = os.open(self.store.directory / USAGE_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _refuse_trainable(encoder: nn.Module) -> None:
@@ -116,3 +138,27 @@ class EncoderOutputCache:
         for i, encoded in enumerate(outputs):
             batch[i, :encoded.shape[0]] = encoded
         return batch, counts
+
+
+def read_usage(directory: str | Path) -> dict[str, float] | None:
+    """The sums of every `record_usage` line in `directory` (USAGE_FIELDS, plus `processes`) and
+    `saved_seconds`: every read frame at the encoding speed measured over all misses (a process
+    that only read has no speed of its own). None when nothing was recorded. Unreadable lines
+    (a torn write) are skipped."""
+    path = Path(directory) / USAGE_FILE
+    if not path.is_file():
+        return None
+    totals = dict.fromkeys(USAGE_FIELDS, 0.0) | {"processes": 0}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            values = {name: float(record[name]) for name in USAGE_FIELDS}
+        except (ValueError, KeyError, TypeError):
+            continue
+        for name, value in values.items():
+            totals[name] += value
+        totals["processes"] += 1
+    if not totals["processes"]:
+        return None
+    speed = totals["encode_seconds"] / totals["miss_frames"] if totals["miss_frames"] else 0.0  # s per frame
+    return {**totals, "saved_seconds": totals["hit_frames"] * speed}

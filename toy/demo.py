@@ -259,7 +259,9 @@ class Demo:
     def preferences(self, folder: Path, start: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.call(folder, "eval.preferences", "--checkpoint", str(start), "--manifest", str(self.corpus / "dpo.jsonl"),
-                  "--judge", "oracle", "--out", str(folder / "pairs.jsonl"), "--seed", "0", *self.mode.preferences)
+                  "--judge", "oracle", "--out", str(folder / "pairs.jsonl"), "--seed", "0",
+                  "--feature-cache", str(self.work / "features"), "--encoder-cache", str(self.encoder_cache),
+                  *self.mode.preferences)
 
     def dpo(self, folder: Path, start: Path, pairs: Path) -> None:
         """train.dpo on `pairs`; with no pair kept (every sample pair tied), DPO has nothing to learn

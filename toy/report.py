@@ -25,7 +25,8 @@ evaluation only. Outputs:
                 student, training and unseen voices; the text teachers' validation scores).
   results.json  {"scores": stage -> split -> mean, "cells": the full cells, "claims": [...],
                 "validation": ..., "pretrain_asr": ..., "pretrain_text": ...,
-                "timings": stage -> seconds, ...}: the same numbers, machine-readable.
+                "timings": stage -> seconds, "encoder_cache": what the frozen-encoder cache saved
+                (model/encoder_cache.py `read_usage`), ...}: the same numbers, machine-readable.
   results.png   eval.run's plot (matplotlib; `pip install -e .[demo]`), copied when present.
 
 A claim "holds" on a split when the inequality holds between the means; the report adds
@@ -41,6 +42,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from model.encoder_cache import read_usage
 from model.safeio import atomic_write_text
 
 from .corpus import TEST_SPLITS
@@ -450,6 +452,7 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
     pretrain_info = _read_json(models / "pretrain.json")
     checked = claims(cells)
     pairs = _pairs(work)
+    usage = read_usage(work / "encoder_cache")
     notes = {name: "skipped: the judge kept no preference pair" for name, folder in SKIPPABLE.items()
              if (work / folder / "skipped.txt").exists()}
     out.mkdir(parents=True, exist_ok=True)
@@ -463,6 +466,7 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
         "cells": cells,
         "claims": [{**c, "verdict": _verdict(c)} for c in checked],
         "timings_seconds": timings,
+        "encoder_cache": usage,
         "dpo_pairs": pairs,
         "corpus": corpus_info.get("sizes"),
         "validation": validation_results(cells),
@@ -504,7 +508,8 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
               "## The paper's claims, checked", "", *(_claim_line(c) for c in checked), "",
               *validation_section(cells, pretrain_info),
               "## Wall time of each stage (seconds, as first run, from its DONE stamp)", "",
-              ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()) + ".", ""]
+              ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()) + ".", "",
+              encoder_cache_line(usage), ""]
     if (out / "results.png").exists():
         lines += ["![scores](results.png)", ""]
     else:
@@ -512,6 +517,16 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
     report = out / "REPORT.md"
     atomic_write_text(report, "\n".join(lines))
     return report
+
+
+def encoder_cache_line(usage: dict | None) -> str:
+    """What the frozen-encoder output cache saved over the run (model/encoder_cache.py `read_usage`)."""
+    if not usage:
+        return "Frozen-encoder output cache: no usage recorded."
+    return (f"Frozen-encoder output cache (WORK/encoder_cache): {usage['hits']:.0f} clips read from it and "
+            f"{usage['misses']:.0f} encoded ({usage['encode_seconds']:.0f} s of encoding) by "
+            f"{usage['processes']:.0f} processes; the reads saved about {usage['saved_seconds']:.0f} s of encoding "
+            "(each process's reads at its own measured encoding speed).")
 
 
 def stage_timings(work: Path) -> dict[str, float]:

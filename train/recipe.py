@@ -194,6 +194,7 @@ def run_recipe(stage_name: str, make_stage, task: str, argv=None, reserve_tokens
         train(config, model, stage, data, info, evaluate=evaluate)
         if model.encoder_cache is not None:
             logging.getLogger(__name__).info("rank %d: %s", info.rank, model.encoder_cache.summary())
+            model.encoder_cache.record_usage(f"{config.run.out_dir} rank {info.rank}")
         if data.skipped or data.rejected:
             logging.getLogger(__name__).warning("data: rejected %s, skipped on rank %d %s, refills %d",
                                                 dict(data.rejected), info.rank, dict(data.skipped), data.refills)

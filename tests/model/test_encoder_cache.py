@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import SpeechLM, toy
-from model.encoder_cache import EncoderOutputCache, EncoderTrainableError
+from model.encoder_cache import EncoderOutputCache, EncoderTrainableError, read_usage
 from model.lora import apply_lora, mark_trainable
 
 AUDIO = 4
@@ -98,3 +98,35 @@ def test_a_damaged_entry_is_recomputed(tmp_path):
     entries[0].write_bytes(entries[0].read_bytes()[:20])  # truncated, as by a crash of another writer
     torch.testing.assert_close(model(input_ids, None, features, lengths), expected)
     assert model.encoder_cache.misses == 3 and model.encoder_cache.hits == 1
+
+
+def test_usage_records_from_several_processes_add_up(tmp_path):
+    """Two cache objects on one folder (two processes of make demo) each append their counts;
+    `read_usage` sums them and skips a torn line. The second object read both clips the first
+    one encoded: it has no encoding speed of its own, so the saving is priced at the speed
+    measured over all misses, the first object's: its encode_seconds for the same frames."""
+    first, second = small_model(), small_model()
+    input_ids, features, lengths = batch()
+    for model in (first, second):
+        model.encoder_cache = EncoderOutputCache(tmp_path, model.encoder)
+        model(input_ids, None, features, lengths)
+    first.encoder_cache.record_usage("first")
+    second.encoder_cache.record_usage("second")
+    with open(tmp_path / "usage.jsonl", "a") as handle:
+        handle.write('{"who": "torn", "hits": 3')  # a write cut short
+    usage = read_usage(tmp_path)
+    frames = int(lengths.sum())
+    assert usage["processes"] == 2
+    assert (usage["hits"], usage["misses"]) == (2, 2)
+    assert (usage["hit_frames"], usage["miss_frames"]) == (frames, frames)
+    assert usage["encode_seconds"] == pytest.approx(first.encoder_cache.encode_seconds, abs=1e-3)
+    assert second.encoder_cache.saved_seconds() == 0.0  # alone, it has no speed to price its reads at
+    assert usage["saved_seconds"] == pytest.approx(usage["encode_seconds"])  # the same frames, read instead
+    assert read_usage(tmp_path / "nothing") is None
+
+
+def test_saved_seconds_scale_the_measured_speed():
+    """saved = encode_seconds * hit_frames / miss_frames: 2 s for 100 encoded frames, 250 read."""
+    cache = EncoderOutputCache.__new__(EncoderOutputCache)
+    cache.encode_seconds, cache.hit_frames, cache.miss_frames = 2.0, 250, 100
+    assert cache.saved_seconds() == pytest.approx(5.0)
