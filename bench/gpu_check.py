@@ -34,7 +34,7 @@ The last line of stdout is the same JSON object. Its figures:
   It runs last; ``--skip-compile`` leaves it out.
 * ``sampler_vs_transformers``: our sampler vs transformers' generate(), batch 8, greedy, same
   weights (bench/reference.py), bf16: generated tokens/s of each, the ratio, token agreement.
-* ``kd_loss_memory``: peak CUDA memory of one losses.kd.fused_kd_loss + backward at V=200064,
+* ``kd_loss_memory``: peak CUDA memory of one losses.kd_fused.fused_kd_loss + backward at V=200064,
   H=3072, 2048 tokens, float32, for a local-head teacher and a top-20 teacher (inputs from
   bench/kd_loss.py), also above the inputs, next to the size of one [N, V] float32 tensor
   (what the naive loss materialises several times). Not measured in the dry run (null).

@@ -10,8 +10,10 @@ after on-policy KD (section 3), an answer that ignores "in 3 bullet points", or 
 Tokens are lower-cased words (letters and digits, with inner ' or -), punctuation dropped; a
 character of a script written without spaces (CJK, kana, hangul) is a token of its own.
 - `repeated_ngram_fraction`: share of the output's n-grams (n = 4) equal to an earlier n-gram
-  of the same output, the definition of train.stages.repetition_rate applied to words; 0 for
-  outputs with fewer than two n-grams.
+  of the same output; 0 for outputs with fewer than two n-grams. `repetition(text)` is this
+  on the text's word tokens: the project's one repetition measure, the same number in the KD
+  log (train/stages.py), the preference-pair statistics (eval/preferences.py), this table and
+  the toy oracle's penalty.
 - `longest_repeated_span`: the length in tokens of the longest token sequence that occurs at
   least twice (occurrences may overlap, so a loop of period p over L tokens scores L - p: the
   measure grows with the loop), and `repeated_span` that text.
@@ -104,10 +106,15 @@ def tokens(text: str) -> list[str]:
     return [t.lower() for t in _TOKEN.findall(text)]
 
 
-def repeated_ngram_fraction(words: Sequence[str], n: int = NGRAM) -> float:
+def repeated_ngram_fraction(words: Sequence, n: int = NGRAM) -> float:
     """Share of n-grams that repeat an earlier one: 1 - distinct / total (0 for fewer than 2)."""
     grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 0.0 if len(grams) < 2 else 1.0 - len(set(grams)) / len(grams)
+
+
+def repetition(text: str) -> float:
+    """The repetition of a text: `repeated_ngram_fraction` of its word tokens (module docstring)."""
+    return repeated_ngram_fraction(tokens(text))
 
 
 def longest_repeated_span(words: Sequence[str]) -> tuple[int, int]:

@@ -51,8 +51,9 @@ bounded concurrency. Recordings whose audio cannot be used or that do not fit th
 skipped and counted (data/dataset.py), not written, so a later run retries them.
 
 Statistics over the whole output (printed, and returned by `run`): tie, disagreement, invalid
-and identical counts and rates, and chosen vs rejected: words, tokens, repetition (the share of
-word 3-grams that repeat an earlier one: "- How to Get Away - How to Get Away" scores high),
+and identical counts and rates, and chosen vs rejected: words, tokens, repetition
+(eval.diagnostics.repetition, the share of word 4-grams that repeat an earlier one: "- How to Get
+Away - How to Get Away" scores high),
 the share that stopped with an EOS.
 """
 from __future__ import annotations
@@ -74,6 +75,7 @@ from data.batching import collate
 from data.dataset import ManifestDataset
 from data.manifest import DataError, ManifestEntry, read_manifest
 from data.synth import append_rows, read_rows
+from eval.diagnostics import repetition
 from eval.judge import add_judge_arguments, judge_request_options
 from model.errors import report_error
 from rollout.api_client import ApiError, add_client_arguments, client_options
@@ -107,13 +109,6 @@ def classify(first: str | None, second: str | None) -> str:
     if "tie" in (first, second):
         return "tie"
     return first if first == second else "disagreement"
-
-
-def repetition(text: str, n: int = 3) -> float:
-    """Share of the word n-grams of `text` that repeat an earlier one (0 with fewer than n words)."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def sample_two(model, tokenizer, rows, params) -> list[tuple[Sample, Sample]]:

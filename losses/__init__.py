@@ -1,9 +1,11 @@
 """Losses of the three training stages, as pure functions of tensors (no models, no I/O).
 
 * ``losses.sft``: masked cross-entropy for supervised fine-tuning (stage 1).
-* ``losses.kd``: on-policy distillation, eqs. 1-2 of the paper: forward KL (full vocabulary and
-  teacher top-k + tail bucket), reverse KL, the GKD generalized JSD, and a fused form that takes
-  decoder hidden states and the LM-head weight and never holds the [tokens, vocab] logits at once.
+* ``losses.kd``: on-policy distillation, eqs. 1-2 of the paper: forward KL, reverse KL and the
+  GKD generalized JSD over the full vocabulary, divergences passed by name.
+* ``losses.kd_topk``: eq. 1 for a teacher that reports its top k tokens (an API): k buckets + tail.
+* ``losses.kd_fused``: what training runs, equal to the two above in value and gradient: decoder
+  hidden states and the LM-head weight in, chunked, never the [tokens, vocab] logits at once.
 * ``losses.dpo``: sequence log-probabilities and the DPO loss, eq. 3.
 
 Conventions shared by every function here

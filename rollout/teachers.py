@@ -10,9 +10,9 @@ response position t, the teacher's distribution over the token at t given prompt
     TopKLogprobs   ids (B, T, k), logprobs (B, T, k)        an API teacher (or a local one asked for top-k)
 
 both with token_logprobs (B, T) = log p_T(y_t) and mask (B, T), right-padded, row b = response b
-(the layout of `rollout.sampler.Rollout`). These feed `losses.kd.forward_kl` / `forward_kl_topk` (and
+(the layout of `rollout.sampler.Rollout`). These feed `losses.kd.forward_kl` / `losses.kd_topk.forward_kl_topk` (and
 `fused_kd_loss` as TeacherLogprobs / TeacherTopK); for a full-vocabulary local teacher without a
-(B, T, V) tensor use `LocalTeacher.hidden_states` with `losses.kd.TeacherHead`.
+(B, T, V) tensor use `LocalTeacher.hidden_states` with `losses.kd_fused.TeacherHead`.
 
 LocalTeacher: any model of this project in text mode, batched, no grad, log-softmax computed
 `chunk_tokens` positions at a time so a 200k vocabulary never needs a (tokens, V) tensor beyond
@@ -61,6 +61,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from losses.kd_fused import TeacherLogprobs, TeacherTopK
+
 from .api_client import ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError
 
 TEACHER_TEMPLATE = "Here is the transcript of a recording.\n\n{transcript}\n\n{instruction}"
@@ -96,6 +98,10 @@ class TopKLogprobs:
     token_logprobs: Tensor  # (B, T) float32 log p_T(y_t) of the student's token; 0 where mask is False
     mask: Tensor  # (B, T) bool, True on response tokens
 
+    def for_loss(self, device: torch.device | str) -> TeacherTopK:
+        """The distribution losses.kd_fused.fused_kd_loss takes (top k + tail), on `device`."""
+        return TeacherTopK(self.ids.to(device), self.logprobs.to(device))
+
 
 @dataclass
 class FullLogprobs:
@@ -104,6 +110,10 @@ class FullLogprobs:
     logprobs: Tensor  # (B, T, V) float32; 0 where mask is False
     token_logprobs: Tensor  # (B, T) float32 log p_T(y_t); 0 where mask is False
     mask: Tensor  # (B, T) bool
+
+    def for_loss(self, device: torch.device | str) -> TeacherLogprobs:
+        """The distribution losses.kd_fused.fused_kd_loss takes (full vocabulary), on `device`."""
+        return TeacherLogprobs(self.logprobs.to(device))
 
 
 class Teacher(Protocol):
@@ -286,7 +296,7 @@ class LocalTeacher:
     @torch.no_grad()
     def hidden_states(self, prompts: TokenIds, responses: TokenIds) -> tuple[Tensor, Tensor]:
         """(hidden (B, T, H), mask (B, T)): the teacher's final states that predict each response
-        token; with `model.decoder.lm_head.weight` this is `losses.kd.TeacherHead`."""
+        token; with `model.decoder.lm_head.weight` this is `losses.kd_fused.TeacherHead`."""
         prompts, responses = _check_pairs(prompts, responses)
         decoder = self.model.decoder
         device = decoder.embed_tokens.weight.device

@@ -54,6 +54,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from eval.diagnostics import repeated_ngram_fraction
 from eval.judge import JudgeScore, Preference
 
 from .tasks import Spec, Task, facts, spec
@@ -156,11 +157,6 @@ def _json_object(summary: str):
     return value if isinstance(value, (dict, list)) else None
 
 
-def _repetition(words: list[str]) -> float:
-    grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
-
-
 def analyze(meeting: Meeting, task: Task, summary: str) -> OracleScore:
     """Every term of the formula for one summary (module docstring)."""
     words = len(summary.split())
@@ -183,7 +179,7 @@ def analyze(meeting: Meeting, task: Task, summary: str) -> OracleScore:
     format_score = _format_score(summary, task_spec)
     limit = task_spec.max_words
     length_penalty = min(2.0, 2.0 * (words - limit) / limit) if limit and words > limit else 0.0
-    repetition = _repetition(normalized.split())
+    repetition = repeated_ngram_fraction(normalized.split())  # eval.diagnostics' measure, on the judge's words
     raw = (1 + 6 * recall * precision - 3 * (1 - format_score) - length_penalty - min(3.0, 6 * repetition)
            - (1 if hallucinated else 0))
     return OracleScore(

@@ -99,7 +99,7 @@ class KDSection:
     response_cache: bool = False  # on-policy rollouts are new every step, so a cache of scores would never hit
     top_k: int = 20
     divergence: str = "forward"  # "forward", "reverse" or "jsd"
-    beta: float = 0.5  # generalized JSD mixture weight (divergence = "jsd")
+    beta: float = 0.5  # generalized JSD mixture weight, 0 < beta < 1; set it only with divergence = "jsd"
     on_policy_fraction: float = 1.0  # lambda: 1 = always the student's samples (the paper)
     temperature: float = 1.0  # sampling temperature of the student's rollouts
     max_new_tokens: int = 256
@@ -208,7 +208,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         key = ".".join(keys)
         origins[key] = f"override '{key}=...'" if key in SECRET_NAMING_KEYS else f"override {override!r}"
     config = from_dict(values, where)
-    check_ranges(config, lambda key: origins.get(key) or _line_in(text, key, where))
+    where_set = lambda key: origins.get(key) or _line_in(text, key, where)  # noqa: E731
+    check_ranges(config, where_set)
+    if "beta" in values.get("kd", {}) and config.kd.divergence != "jsd":
+        raise ConfigError(f"{where_set('kd.beta')}: kd.beta is the generalized JSD's mixture weight, used only with "
+                          f"kd.divergence = \"jsd\" (here \"{config.kd.divergence}\"); remove kd.beta or set "
+                          "kd.divergence = \"jsd\"")
     return config
 
 
@@ -277,7 +282,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("kd.max_concurrency", *_count(1)),
     ("kd.top_k", *_count(1)),
     ("kd.divergence", *_one_of("forward", "reverse", "jsd")),
-    ("kd.beta", *_number(0, 1)),
+    ("kd.beta", *_number(0, 1, low_open=True, high_open=True)),
     ("kd.on_policy_fraction", *_number(0, 1)),
     ("kd.temperature", *_number(0)),
     ("kd.max_new_tokens", *_count(1)),

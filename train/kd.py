@@ -51,7 +51,8 @@ def make_stage(config, model, tokenizer) -> KDStage:
     return KDStage(make_teacher(config, model, tokenizer), pad_token_id=model.config.decoder.pad_token_id,
                    eos_token_ids=model.config.decoder.eos_token_ids, max_new_tokens=kd.max_new_tokens,
                    temperature=kd.temperature, on_policy_fraction=kd.on_policy_fraction,
-                   divergence=kd.divergence, beta=kd.beta, ce_weight=kd.ce_weight)
+                   divergence=kd.divergence, beta=kd.beta if kd.divergence == "jsd" else None,
+                   ce_weight=kd.ce_weight, decode=tokenizer.decode)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,13 @@ DDP wraps a small module whose forward *is* the stage's loss, so every model cal
 (logits, hidden states for the fused KD loss, the DPO reference with adapters disabled) runs
 inside DDP's forward, and only the trainable parameters (LoRA, projector) are synchronised.
 
-Batches are loaded one step ahead on a background thread (`Prefetcher`).
+Batches are loaded one step ahead on a background thread (`Prefetcher`, through `StepBatches`).
+
+Seams for what comes next: `wrap_for_training` returns the module the loop calls (DDP today;
+FSDP2's `fully_shard` would go there), `Checkpointer` resumes and saves (a sharded format
+replaces that class), a stage's `prepare` is where another sampler plugs in (a vLLM engine
+for KD rollouts). The run's length is computed (`total_steps`), never written back into the
+config, and `train()` reads top to bottom as the four steps above.
 
 Checkpoints, their manifests and the choice of the step to resume from: train/checkpoints.py.
 """
@@ -113,11 +119,12 @@ class StageForward(nn.Module):
         return self.stage.loss(self.model, batch)
 
 
-def learning_rate(step: int, optim) -> float:
-    """Linear warmup to optim.lr over warmup_steps, then cosine down to lr * min_lr_ratio."""
+def learning_rate(step: int, optim, max_steps: int | None = None) -> float:
+    """Linear warmup to optim.lr over warmup_steps, then cosine down to lr * min_lr_ratio at
+    `max_steps` (default optim.max_steps; the loop passes `total_steps`)."""
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
-    span = max(1, optim.max_steps - optim.warmup_steps)
+    span = max(1, (optim.max_steps if max_steps is None else max_steps) - optim.warmup_steps)
     progress = min(1.0, (step - optim.warmup_steps) / span)
     floor = optim.lr * optim.min_lr_ratio
     return floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -172,6 +179,74 @@ def autocast_context(device: torch.device):
     return contextlib.nullcontext()
 
 
+class Checkpointer:
+    """Where a run resumes from and where its steps go (train/checkpoints.py: atomic step
+    folders, manifests, the newest intact step, every rank agreeing). The loop only asks it to
+    resume and to save, so a sharded format (FSDP2's) replaces this one class."""
+
+    def __init__(self, out_dir: Path, config: TrainConfig, info: DistInfo):
+        self.out_dir, self.config, self.info = out_dir, config, info
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Position:
+        """The position of the newest usable saved step (weights and optimizer restored), or a fresh one."""
+        try:
+            choice = choose_resume_step(self.out_dir, self.info)
+        except CheckpointError as err:
+            choice = err
+        agree_on_resume(choice, self.info)
+        if isinstance(choice, CheckpointError):
+            raise choice
+        return Position() if choice is None else restore_step(choice, model, optimizer)
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, position: Position) -> None:
+        save_checkpoint(self.out_dir, model, optimizer, position, self.config, self.info, self.config.run.keep_last)
+
+
+def wrap_for_training(model: nn.Module, stage: Stage, info: DistInfo) -> nn.Module:
+    """The module the loop calls, forward(batch) = the stage's loss (`StageForward`): wrapped in
+    DDP across ranks (only the trainable parameters are synchronised), plain on one process.
+    The seam for another data-parallel scheme (FSDP2's `fully_shard`, with a Checkpointer that
+    saves sharded state)."""
+    wrapped = StageForward(model, stage)
+    if not is_distributed():
+        return wrapped
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(wrapped, device_ids=device_ids, broadcast_buffers=False)
+
+
+def total_steps(optim, data: BatchSource) -> int:
+    """optim.max_steps, or with optim.epochs > 0 that many passes over the data (every rank has
+    the same number of batches per epoch)."""
+    if optim.epochs > 0:
+        return max(1, math.ceil(len(data.epoch_plans(0)) * optim.epochs / optim.grad_accum))
+    return optim.max_steps
+
+
+class StepBatches:
+    """The run's batches in training order across epochs, each loaded one ahead (`Prefetcher`);
+    `take(position)` returns the batch at the position and moves it on."""
+
+    def __init__(self, data: BatchSource, position: Position, config: TrainConfig, info: DistInfo):
+        self.data, self.config, self.info = data, config, info
+        self.plans = data.epoch_plans(position.epoch)
+        self.loader = Prefetcher(data)
+
+    def take(self, position: Position) -> Any:
+        if position.batch_index >= len(self.plans):
+            position.epoch, position.batch_index = position.epoch + 1, 0
+            self.plans = self.data.epoch_plans(position.epoch)
+            if not self.plans:
+                raise DataError(Issue(", ".join(map(str, self.config.data.train)) or "[data] train", None, None,
+                                      f"no batch for rank {self.info.rank}: no usable rows (see the warnings above) "
+                                      f"or fewer than one batch; add data or lower data.batch_size"))
+        batch = self.loader.load(position.epoch, position.batch_index, self.plans)
+        position.batch_index += 1
+        return batch
+
+    def close(self) -> None:
+        self.loader.close()
+
+
 def train(
     config: TrainConfig,
     model: nn.Module,
@@ -182,83 +257,37 @@ def train(
     evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None,
     stop_after: int | None = None,
 ) -> Position:
-    """Run until config.optim.max_steps optimizer steps (or `stop_after` steps in this call)."""
+    """Run until `total_steps` optimizer steps (or `stop_after` steps in this call); the steps of
+    the module docstring."""
     optim, run = config.optim, config.run
     out_dir = Path(run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(info.device)
     optimizer = build_optimizer(model, optim)
-    position = Position()
-    try:
-        choice = choose_resume_step(out_dir, info)
-    except CheckpointError as err:
-        choice = err
-    agree_on_resume(choice, info)
-    if isinstance(choice, CheckpointError):
-        raise choice
-    if choice is not None:
-        position = restore_step(choice, model, optimizer)
+    checkpointer = Checkpointer(out_dir, config, info)
+    position = checkpointer.resume(model, optimizer)
     log = MetricsLog(out_dir, info, position.step)
-
-    wrapped = StageForward(model, stage)
-    if is_distributed():
-        device_ids = [info.device.index] if info.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(wrapped, device_ids=device_ids, broadcast_buffers=False)
+    wrapped = wrap_for_training(model, stage, info)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    plans = data.epoch_plans(position.epoch)
-    if optim.epochs > 0:  # every rank has the same number of batches per epoch
-        optim.max_steps = max(1, math.ceil(len(data.epoch_plans(0)) * optim.epochs / optim.grad_accum))
+    max_steps = total_steps(optim, data)
+    batches = StepBatches(data, position, config, info)
     steps_this_call = 0
-    loader = Prefetcher(data)
 
-    while position.step < optim.max_steps and (stop_after is None or steps_this_call < stop_after):
+    while position.step < max_steps and (stop_after is None or steps_this_call < stop_after):
         start = time.perf_counter()
         # 1. the micro-batches of this step, with their experience
-        micro_batches = []
-        for _ in range(optim.grad_accum):
-            if position.batch_index >= len(plans):
-                position.epoch, position.batch_index = position.epoch + 1, 0
-                plans = data.epoch_plans(position.epoch)
-                if not plans:
-                    raise DataError(Issue(", ".join(map(str, config.data.train)) or "[data] train", None, None,
-                                          f"no batch for rank {info.rank}: no usable rows (see the warnings above) "
-                                          f"or fewer than one batch; add data or lower data.batch_size"))
-            batch = loader.load(position.epoch, position.batch_index, plans)
-            position.batch_index += 1
-            model.eval()
-            with torch.no_grad(), autocast_context(info.device):
-                micro_batches.append(stage.prepare(model, batch))
+        micro_batches = [prepare(stage, model, batches.take(position), info) for _ in range(optim.grad_accum)]
         # 2. loss units of the global batch
         local_units = sum(stage.loss_units(b) for b in micro_batches)
         global_units = int(all_reduce_sum(torch.tensor([local_units], dtype=torch.float64, device=info.device)).item())
         if global_units == 0:
             raise ValueError(f"step {position.step + 1}: the global batch has no loss tokens (all prompts, no response?)")
-        scale = info.world_size / global_units
         # 3. forward / backward, gradients synchronised on the last micro-batch only
-        model.train()
-        metric_sums: dict[str, float] = {"loss": 0.0}
-        metric_counts: dict[str, float] = {}  # metrics with their own denominator (not loss units)
-        for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not is_distributed() else wrapped.no_sync()
-            with sync:
-                with autocast_context(info.device):
-                    loss_sum, metrics = wrapped(batch)
-                # every rank learns whether any rank's loss is bad, so all stop together (no rank
-                # is left waiting in the gradient all-reduce)
-                bad = all_reduce_sum((~torch.isfinite(loss_sum.detach())).to(torch.float32).reshape(1))
-                if bad.item():
-                    report_nonfinite(out_dir, position.step + 1, info, data.sample_ids(batch),
-                                     own=not torch.isfinite(loss_sum.detach()), model=model)
-                (loss_sum.float() * scale).backward()
-            metric_sums["loss"] += float(loss_sum.detach())
-            for key, value in metrics.items():
-                total, count = value if isinstance(value, tuple) else (value, None)
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(total)
-                if count is not None:
-                    metric_counts[key] = metric_counts.get(key, 0.0) + float(count)
+        sums, counts = accumulate_gradients(wrapped, model, micro_batches, info.world_size / global_units, info,
+                                            on_nonfinite=lambda batch, own: report_nonfinite(
+                                                out_dir, position.step + 1, info, data.sample_ids(batch), own, model))
         # 4. clip, step, schedule
-        lr = learning_rate(position.step, optim)
+        lr = learning_rate(position.step, optim, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
@@ -267,24 +296,64 @@ def train(
         position.step += 1
         steps_this_call += 1
 
-        keys = sorted(metric_sums)
-        counted = sorted(metric_counts)
-        totals = all_reduce_sum(torch.tensor([metric_sums[k] for k in keys] + [metric_counts[k] for k in counted],
-                                             dtype=torch.float64, device=info.device)).tolist()
-        denominators = {k: totals[len(keys) + i] for i, k in enumerate(counted)}
         elapsed = time.perf_counter() - start
         record = {"step": position.step, "lr": lr, "grad_norm": float(grad_norm), "units": global_units,
-                  "units_per_s": global_units / elapsed}
-        record.update({k: totals[i] / max(denominators.get(k, global_units), 1e-12) for i, k in enumerate(keys)})
-        if position.step % run.log_every == 0 or position.step == optim.max_steps:
-            log.write(record, optim.max_steps)
+                  "units_per_s": global_units / elapsed, **reduce_metrics(sums, counts, global_units, info)}
+        if position.step % run.log_every == 0 or position.step == max_steps:
+            log.write(record, max_steps)
         if evaluate is not None and run.eval_every and position.step % run.eval_every == 0:
-            log.write({"step": position.step, **evaluate(model, position.step)}, optim.max_steps)
-        finished = position.step >= optim.max_steps
-        if finished or (run.save_every and position.step % run.save_every == 0):
-            save_checkpoint(out_dir, model, optimizer, position, config, info, run.keep_last)
-    loader.close()
+            log.write({"step": position.step, **evaluate(model, position.step)}, max_steps)
+        if position.step >= max_steps or (run.save_every and position.step % run.save_every == 0):
+            checkpointer.save(model, optimizer, position)
+    batches.close()
     return position
+
+
+def prepare(stage: Stage, model: nn.Module, batch: Any, info: DistInfo) -> Any:
+    """The stage's experience for one batch (KD: samples and teacher scores): eval mode, no grad."""
+    model.eval()
+    with torch.no_grad(), autocast_context(info.device):
+        return stage.prepare(model, batch)
+
+
+def accumulate_gradients(wrapped: nn.Module, model: nn.Module, micro_batches: list[Any], scale: float,
+                         info: DistInfo, on_nonfinite: Callable[[Any, bool], None]
+                         ) -> tuple[dict[str, float], dict[str, float]]:
+    """Backward of loss_sum * scale for every micro-batch, DDP's gradient all-reduce on the last one
+    only. Every rank learns whether any rank's loss is bad, so all stop together (none is left
+    waiting in the all-reduce): `on_nonfinite(batch, own)` raises. Returns this rank's metric
+    sums and the counts of the metrics with their own denominator (not loss units)."""
+    model.train()
+    sums: dict[str, float] = {"loss": 0.0}
+    counts: dict[str, float] = {}
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not is_distributed() else wrapped.no_sync()
+        with sync:
+            with autocast_context(info.device):
+                loss_sum, metrics = wrapped(batch)
+            bad = all_reduce_sum((~torch.isfinite(loss_sum.detach())).to(torch.float32).reshape(1))
+            if bad.item():
+                on_nonfinite(batch, not torch.isfinite(loss_sum.detach()))
+            (loss_sum.float() * scale).backward()
+        sums["loss"] += float(loss_sum.detach())
+        for key, value in metrics.items():
+            total, count = value if isinstance(value, tuple) else (value, None)
+            sums[key] = sums.get(key, 0.0) + float(total)
+            if count is not None:
+                counts[key] = counts.get(key, 0.0) + float(count)
+    return sums, counts
+
+
+def reduce_metrics(sums: dict[str, float], counts: dict[str, float], global_units: int,
+                   info: DistInfo) -> dict[str, float]:
+    """Every rank's metric sums over the global batch, each divided by its own count or by the
+    global loss units."""
+    keys, counted = sorted(sums), sorted(counts)
+    totals = all_reduce_sum(torch.tensor([sums[k] for k in keys] + [counts[k] for k in counted],
+                                         dtype=torch.float64, device=info.device)).tolist()
+    denominators = {k: totals[len(keys) + i] for i, k in enumerate(counted)}
+    return {k: totals[i] / max(denominators.get(k, global_units), 1e-12) for i, k in enumerate(keys)}
 
 
 def report_nonfinite(out_dir: Path, step: int, info: DistInfo, sample_ids: list[str], own: bool,

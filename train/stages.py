@@ -7,22 +7,22 @@ Metrics are sums over the same units, so the loop's division turns them into mea
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from data.batching import Batch, collate
+from eval.diagnostics import repeated_ngram_fraction, repetition
 from losses.dpo import dpo_loss, sequence_logprobs
-from losses.kd import TeacherLogprobs, TeacherTopK, fused_kd_loss
+from losses.kd import check_divergence
+from losses.kd_fused import fused_kd_loss
 from losses.sft import masked_cross_entropy
 from model.lora import lora_disabled
 from rollout.sampler import SamplingParams, generate
 from rollout.teachers import FullLogprobs, TopKLogprobs
 
 from .config import ConfigError
-
-DIVERGENCE_BETA = {"forward": 0.0, "reverse": 1.0}  # the GKD endpoints (losses/kd.py)
-
 
 def batch_hidden(model, batch: Batch) -> torch.Tensor:
     """Final hidden states (B, T, H) of a right-padded batch (`collate`'s layout).
@@ -140,13 +140,6 @@ class DPOStage:
         return loss_sum, {key: value.sum() for key, value in metrics.items()}
 
 
-def repetition_rate(tokens: list[int], n: int = 4) -> float:
-    """Share of a response's n-grams that repeat an earlier one (0 for fewer than n + 1 tokens):
-    the "- How to Get Away - How to Get Away ..." failure the paper reports after KD."""
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return 0.0 if len(grams) < 2 else 1.0 - len(set(grams)) / len(grams)
-
-
 @dataclass
 class KDBatch:
     batch: Batch  # prompt + the response being distilled (the student's sample or the reference)
@@ -164,19 +157,22 @@ class KDStage:
     run samples the same); otherwise the reference responses are used (supervised KD). The
     teacher scores those responses given *its* prompt (transcript + instruction).
     loss: the divergence between teacher and student at every response position, from the
-    student's hidden states and LM-head weight (losses.kd.fused_kd_loss: no [tokens, V]
-    logits), forward KL by default (the paper), reverse KL or generalized JSD(beta) for
-    full-vocabulary teachers; plus `ce_weight` times the cross-entropy of the same tokens.
+    student's hidden states and LM-head weight (losses.kd_fused.fused_kd_loss: no [tokens, V]
+    logits), by name: "forward" KL by default (the paper), "reverse" KL or "jsd" (generalized
+    JSD with 0 < beta < 1, `beta` is used by it alone) for full-vocabulary teachers; plus
+    `ce_weight` times the cross-entropy of the same tokens.
     """
 
     name = "kd"
 
     def __init__(self, teacher, *, pad_token_id: int, eos_token_ids=(), max_new_tokens: int = 256,
                  temperature: float = 1.0,
-                 on_policy_fraction: float = 1.0, divergence: str = "forward", beta: float = 0.5,
-                 ce_weight: float = 0.0):
-        if divergence not in DIVERGENCE_BETA and divergence != "jsd":
-            raise ConfigError(f"kd.divergence={divergence!r}: expected 'forward', 'reverse' or 'jsd'")
+                 on_policy_fraction: float = 1.0, divergence: str = "forward", beta: float | None = None,
+                 ce_weight: float = 0.0, decode: Callable[[list[int]], str] | None = None):
+        try:
+            check_divergence(divergence, beta)
+        except ValueError as error:
+            raise ConfigError(f"kd.divergence / kd.beta: {error}") from None
         if divergence != "forward" and getattr(teacher, "top_k", None) is not None:
             raise ConfigError(f"kd.divergence={divergence!r} needs a full-vocabulary teacher; a top-k (API) "
                              "teacher supports the forward KL only (top-k reverse KL is unstable, verl PR #5041)")
@@ -184,7 +180,8 @@ class KDStage:
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.on_policy_fraction, self.ce_weight = on_policy_fraction, ce_weight
-        self.beta = DIVERGENCE_BETA.get(divergence, beta)
+        self.divergence, self.beta = divergence, beta
+        self.decode = decode  # token ids -> text, for the repetition the eval table reports; None: token 4-grams
 
     def prepare(self, model, batch: Batch) -> KDBatch:
         on_policy = bool(torch.rand(()) < self.on_policy_fraction)
@@ -202,7 +199,12 @@ class KDStage:
         scored = self.teacher.score(teacher_prompts, responses)
         return KDBatch(new_batch, scored, on_policy,
                        ended_with_eos=[bool(r) and r[-1] in self.eos_token_ids for r in responses],
-                       repetition=[repetition_rate(r) for r in responses])
+                       repetition=[self.repetition(r) for r in responses])
+
+    def repetition(self, response: list[int]) -> float:
+        """eval.diagnostics.repetition of the decoded response (the "- How to Get Away - How to Get
+        Away ..." loop the paper reports after KD): the number eval.run's table shows."""
+        return repetition(self.decode(response)) if self.decode else repeated_ngram_fraction(response)
 
     def loss_units(self, kd_batch: KDBatch) -> int:
         return int(kd_batch.batch.loss_mask.sum())
@@ -211,14 +213,12 @@ class KDStage:
         hidden, labels, mask = response_hidden(model, kd_batch.batch)  # (B, L, H), (B, L), (B, L)
         scored = kd_batch.teacher
         device = hidden.device
-        if isinstance(scored, TopKLogprobs):
-            teacher = TeacherTopK(scored.ids.to(device), scored.logprobs.to(device))
-        else:
-            teacher = TeacherLogprobs(scored.logprobs.to(device))
+        teacher = scored.for_loss(device)  # the distribution fused_kd_loss takes
         if scored.mask.shape != mask.shape or not torch.equal(scored.mask.to(device), mask):
             raise ValueError("the teacher's response positions do not line up with the student's batch")
         weight = model.decoder.lm_head.weight
-        kd_sum = fused_kd_loss(hidden, weight, teacher, mask, beta=self.beta, reduction="sum")
+        kd_sum = fused_kd_loss(hidden, weight, teacher, mask, divergence=self.divergence, beta=self.beta,
+                               reduction="sum")
         loss_sum = kd_sum
         if self.ce_weight:
             ce_sum = masked_cross_entropy(model.decoder.logits(hidden), labels, mask, reduction="sum")

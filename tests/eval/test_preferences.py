@@ -15,7 +15,8 @@ import torch
 
 from eval import preferences
 from data.dataset import ManifestDataset
-from eval.preferences import SamplingConfig, classify, repetition
+from eval.diagnostics import repetition
+from eval.preferences import SamplingConfig, classify
 from eval.judge import OpenAIJudge
 from model import load_pretrained, save_pretrained
 from rollout.api_client import RetryPolicy
@@ -93,7 +94,7 @@ def test_classify_and_repetition():
     assert [classify("a", "a"), classify("b", "b"), classify("a", "b"), classify("tie", "a"), classify(None, "a")] \
         == ["a", "b", "disagreement", "tie", "invalid"]
     # 15 words, 13 trigrams, 5 distinct (the 5-word cycle): 8 of 13 repeat an earlier one
-    assert repetition("- How to Get Away - How to Get Away - How to Get Away") == pytest.approx(8 / 13)
+    assert repetition("- How to Get Away - How to Get Away - How to Get Away") == pytest.approx(5 / 9)  # word 4-grams
     assert repetition("one two three four") == 0.0 and repetition("too short") == 0.0
 
 

@@ -6,14 +6,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from losses.kd import (
-    TeacherHead,
-    TeacherLogprobs,
-    TeacherTopK,
-    forward_kl_topk,
-    fused_kd_loss,
-    generalized_jsd,
-)
+from losses.kd import forward_kl, generalized_jsd, reverse_kl
+from losses.kd_fused import TeacherHead, TeacherLogprobs, TeacherTopK, fused_kd_loss
+from losses.kd_topk import forward_kl_topk
 
 F64 = torch.float64
 
@@ -54,20 +49,31 @@ def assert_same(fused, plain, student_hidden, weight, rtol, atol):
         torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
 
 
+def plain_divergence(logits, teacher_logprobs, mask, divergence, beta, temperature):
+    """The reference form of losses/kd.py that fused_kd_loss(divergence=...) must equal."""
+    if divergence == "forward":
+        return forward_kl(logits, teacher_logprobs, mask, temperature=temperature)
+    if divergence == "reverse":
+        return reverse_kl(logits, teacher_logprobs, mask, temperature=temperature)
+    return generalized_jsd(logits, teacher_logprobs, mask, beta, temperature=temperature)
+
+
 @pytest.mark.parametrize("dtype, atol", [(F64, 1e-12), (torch.float32, 1e-6)])
 @pytest.mark.parametrize("teacher_kind", ["logprobs", "head"])
-@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.0, 2.0), (0.3, 1.0), (1.0, 0.7)])
+@pytest.mark.parametrize("divergence, beta, temperature",
+                         [("forward", None, 1.0), ("forward", None, 2.0), ("jsd", 0.3, 1.0), ("reverse", None, 0.7)])
 @pytest.mark.parametrize("chunk_size", [1, 2, 5, 13, 64])
-def test_full_vocab_fused_equals_plain(dtype, atol, teacher_kind, beta, temperature, chunk_size):
+def test_full_vocab_fused_equals_plain(dtype, atol, teacher_kind, divergence, beta, temperature, chunk_size):
     student_hidden, weight, teacher_states, teacher_weight, mask = make_case(dtype)
     teachers, teacher_logprobs = teacher_forms(teacher_states, teacher_weight, mask)
 
     def plain(h, w):
-        return generalized_jsd(h @ w.T, teacher_logprobs, mask, beta, temperature=temperature)
+        return plain_divergence(h @ w.T, teacher_logprobs, mask, divergence, beta, temperature)
 
     def fused(h, w):
         teacher = teachers[teacher_kind]
-        return fused_kd_loss(h, w, teacher, mask, beta=beta, temperature=temperature, chunk_size=chunk_size)
+        return fused_kd_loss(h, w, teacher, mask, divergence=divergence, beta=beta, temperature=temperature,
+                             chunk_size=chunk_size)
 
     assert_same(fused, plain, student_hidden, weight, 1e-5, atol)
 
@@ -94,7 +100,7 @@ def test_sum_reduction_frozen_head_and_no_grad():
     student_hidden, weight, teacher_states, teacher_weight, mask = make_case()
     teacher = TeacherHead(teacher_states, teacher_weight)
     teacher_logprobs = teacher_forms(teacher_states, teacher_weight, mask)[1]
-    plain_sum = generalized_jsd(student_hidden @ weight.T, teacher_logprobs, mask, 0.0, reduction="sum")
+    plain_sum = forward_kl(student_hidden @ weight.T, teacher_logprobs, mask, reduction="sum")
     hidden = student_hidden.clone().requires_grad_(True)
     fused_sum = fused_kd_loss(hidden, weight, teacher, mask, reduction="sum", chunk_size=4)  # weight frozen
     torch.testing.assert_close(fused_sum, plain_sum, rtol=1e-12, atol=0)
@@ -119,18 +125,23 @@ def small_case():
     return make_case(batch=2, length=4, hidden=3, vocab=5, teacher_hidden=2)
 
 
-@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.0, 1.5), (0.4, 1.0)], ids=["kl", "kl-tau", "jsd"])
-def test_gradcheck_float64_full_vocab(beta, temperature):
-    """beta = 0 uses the closed-form chunk gradient (eq. 2 on the logits), beta > 0 autograd; a
-    teacher with exact zeros (-inf log-probs) exercises the 0 log 0 terms."""
+@pytest.mark.parametrize("divergence, beta, temperature", [("forward", None, 1.0), ("forward", None, 1.5),
+                                                      ("jsd", 0.4, 1.0), ("reverse", None, 1.0)],
+                         ids=["kl", "kl-tau", "jsd", "reverse"])
+def test_gradcheck_float64_full_vocab(divergence, beta, temperature):
+    """The forward KL uses the closed-form chunk gradient (eq. 2 on the logits), the others
+    autograd; for those two, a teacher with exact zeros (-inf log-probs) exercises the 0 log 0
+    terms (the reverse KL is infinite there, as the true KL is, so it gets a teacher without)."""
     student_hidden, weight, teacher_states, teacher_weight, mask = small_case()
     teacher_logprobs = torch.log_softmax(teacher_states @ teacher_weight.T, -1)
-    teacher_logprobs[..., 0] = -math.inf
-    teacher_logprobs = torch.log_softmax(teacher_logprobs, -1)  # renormalised with p_T(token 0) = 0
+    if divergence != "reverse":
+        teacher_logprobs[..., 0] = -math.inf
+        teacher_logprobs = torch.log_softmax(teacher_logprobs, -1)  # renormalised with p_T(token 0) = 0
     teacher = TeacherLogprobs(teacher_logprobs)
     inputs = (student_hidden.requires_grad_(True), weight.requires_grad_(True))
     assert torch.autograd.gradcheck(
-        lambda h, w: fused_kd_loss(h, w, teacher, mask, beta=beta, temperature=temperature, chunk_size=2), inputs
+        lambda h, w: fused_kd_loss(h, w, teacher, mask, divergence=divergence, beta=beta, temperature=temperature,
+                                   chunk_size=2), inputs
     )
 
 
@@ -156,7 +167,7 @@ def test_topk_covering_the_vocabulary_equals_full_forward_kl():
     teacher = TeacherTopK(ids, teacher_logprobs.gather(-1, ids))
 
     def plain(h, w):
-        return generalized_jsd(h @ w.T, teacher_logprobs, mask, 0.0)
+        return forward_kl(h @ w.T, teacher_logprobs, mask)
 
     def fused(h, w):
         return fused_kd_loss(h, w, teacher, mask, chunk_size=4)
@@ -226,7 +237,7 @@ def test_never_materialises_all_logits(teacher_kind):
 
     with LargestTensor() as probe:  # the probe does see the plain form's (N, V) tensors
         teacher_logprobs = torch.log_softmax(teacher_states @ teacher_weight.T, -1)
-        generalized_jsd(hidden_states @ weight.T, teacher_logprobs, mask, 0.0).backward()
+        forward_kl(hidden_states @ weight.T, teacher_logprobs, mask).backward()
     assert probe.largest == batch * length * vocab
 
 
@@ -236,7 +247,14 @@ def test_bad_teacher_raises_with_a_message():
         fused_kd_loss(student_hidden, weight, teacher_states, mask)
     top = torch.log_softmax(teacher_states @ teacher_weight.T, -1).topk(2, dim=-1)
     with pytest.raises(ValueError, match="forward KL only"):
-        fused_kd_loss(student_hidden, weight, TeacherTopK(top.indices, top.values), mask, beta=0.5)
+        fused_kd_loss(student_hidden, weight, TeacherTopK(top.indices, top.values), mask, divergence="jsd", beta=0.5)
+    teacher = TeacherHead(teacher_states, teacher_weight)
+    with pytest.raises(ValueError, match="takes none"):  # a beta beside a KL is refused, not ignored
+        fused_kd_loss(student_hidden, weight, teacher, mask, beta=0.5)
+    with pytest.raises(ValueError, match="needs 0 < beta < 1"):
+        fused_kd_loss(student_hidden, weight, teacher, mask, divergence="jsd", beta=0.0)
+    with pytest.raises(ValueError, match="expected one of"):
+        fused_kd_loss(student_hidden, weight, teacher, mask, divergence="kl")
     with pytest.raises(ValueError, match=r"\[V, H_T\]"):
         fused_kd_loss(student_hidden, weight, TeacherHead(teacher_states, teacher_weight[:3]), mask)
     with pytest.raises(ValueError, match="chunk_size"):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from losses.kd import forward_kl, forward_kl_topk
+from losses.kd import forward_kl
+from losses.kd_topk import forward_kl_topk
 from losses.sft import masked_cross_entropy
 
 LOG2 = math.log(2.0)

@@ -10,7 +10,8 @@ import torch
 
 from losses import response_token_count
 from losses.dpo import dpo_loss, sequence_logprobs
-from losses.kd import TeacherHead, forward_kl, fused_kd_loss
+from losses.kd import forward_kl
+from losses.kd_fused import TeacherHead, fused_kd_loss
 from losses.sft import masked_cross_entropy
 
 F64 = torch.float64

@@ -35,7 +35,8 @@ OUT_OF_RANGE = [  # (override, what the message must say after "override '...': 
     ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio = 1.5 is out of range; allowed: a number in [0, 1]"),
     ("model.lora_dropout=1", "model.lora_dropout = 1.0 is out of range; allowed: a number in [0, 1)"),
     ("run.log_every=0", "run.log_every = 0 is out of range; allowed: an integer >= 1"),
-    ("kd.beta=1.5", "kd.beta = 1.5 is out of range; allowed: a number in [0, 1]"),
+    ("kd.beta=1.5", "kd.beta = 1.5 is out of range; allowed: a number in (0, 1)"),
+    ("kd.beta=0", "kd.beta = 0.0 is out of range; allowed: a number in (0, 1)"),
     ("kd.temperature=-1", "kd.temperature = -1.0 is out of range; allowed: a finite number >= 0"),
     ("kd.divergence=kl", 'kd.divergence = "kl" is not allowed; allowed: one of "forward", "reverse", "jsd"'),
     ("dpo.label_smoothing=0.6", "dpo.label_smoothing = 0.6 is out of range; allowed: a number in [0, 0.5]"),
@@ -88,8 +89,18 @@ def test_every_numeric_field_has_a_range():
 
 def test_limits_themselves_are_allowed():
     config = load_config(SMOKE, ["optim.max_steps=0", "optim.epochs=1.0", "run.save_every=0", "optim.grad_clip=0",
-                                 "kd.beta=1", "dpo.label_smoothing=0.5", "model.lora_rank=1", "kd.temperature=0"])
-    assert (config.optim.max_steps, config.optim.epochs, config.kd.beta, config.kd.temperature) == (0, 1.0, 1.0, 0.0)
+                                 "kd.divergence=\"jsd\"", "kd.beta=0.999", "dpo.label_smoothing=0.5",
+                                 "model.lora_rank=1", "kd.temperature=0"])
+    assert (config.optim.max_steps, config.optim.epochs, config.kd.beta, config.kd.temperature) == (0, 1.0, 0.999, 0.0)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_a_jsd_beta_with_a_kl_divergence_is_an_error_not_ignored(divergence):
+    """kd.beta weighs the generalized JSD only: set beside a KL it would silently do nothing."""
+    with pytest.raises(ConfigError, match=rf'kd.beta is the generalized JSD\'s mixture weight, used only with '
+                                          rf'kd.divergence = "jsd" \(here "{divergence}"\)'):
+        load_config(SMOKE, [f'kd.divergence="{divergence}"', "kd.beta=0.3"])
+    assert load_config(SMOKE, [f'kd.divergence="{divergence}"']).kd.divergence == divergence  # no beta: fine
 
 
 def test_a_bad_value_in_a_file_names_its_line_and_a_byte_order_mark_is_ignored(tmp_path):
