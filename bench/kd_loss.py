@@ -1,4 +1,4 @@
-"""Distillation loss + backward: fused (losses.kd.fused_kd_loss) vs naive (full logits + log_softmax).
+"""Distillation loss + backward: fused (losses.kd_fused.fused_kd_loss) vs naive (full logits + log_softmax).
 
 Phi-4-mini sizes by default: hidden 3072, vocabulary 200064, 2048 response tokens, float32 on
 CPU. The student's LM head is frozen (in this project only the projector and LoRA train), so
@@ -17,6 +17,12 @@ the same for both forms). The last line is JSON with the ratios fused / naive.
 
     python bench/kd_loss.py                       # full size, a few minutes on 2 cores
     python bench/kd_loss.py --vocab 32000 --tokens 512 --repeats 1   # quick look
+    python bench/kd_loss.py --dtype bfloat16      # bf16 inputs (skipped on a CPU without bf16 kernels)
+
+The floor (bench/floor.py), timed in a child of its own in the same run and dtype: the loss's
+matmuls alone, the student's logits (N, H) @ (H, V) and their gradient to the hidden states,
+plus the teacher's logits for the ``head`` teacher; each variant's time is also reported as a
+fraction of it.
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 import torch.nn.functional as F
 
-from losses.kd import TeacherHead, TeacherTopK, fused_kd_loss
+from bench.floor import add_dtype_argument, benchmark_dtype, matmul_seconds
+from losses.kd_fused import TeacherHead, TeacherTopK, fused_kd_loss
 
 TOP_K = 20
 TEACHER_HIDDEN = 3072
@@ -94,9 +101,24 @@ def fused_loss(student_hidden, lm_head_weight, mask, teacher: str, teacher_input
     return fused_kd_loss(student_hidden, lm_head_weight, spec, mask, chunk_size=chunk_size)
 
 
+def floor_child(args) -> None:
+    """The loss's matmuls alone (module docstring), for the teacher args.teacher."""
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    shapes = [(args.tokens, args.hidden, args.vocab)]
+    seconds = matmul_seconds(shapes, dtype, passes=("forward", "input_grad"), repeats=1, warmup=False)
+    if args.teacher == "head":
+        seconds += matmul_seconds([(args.tokens, TEACHER_HIDDEN, args.vocab)], dtype, repeats=1, warmup=False)
+    print(json.dumps({"time_s": seconds}))
+
+
 def child(args) -> None:
     torch.set_num_threads(args.threads)
     student_hidden, lm_head_weight, mask, teacher_inputs = make_inputs(args, args.teacher)
+    dtype = getattr(torch, args.dtype)
+    student_hidden, lm_head_weight = student_hidden.to(dtype), lm_head_weight.to(dtype)
+    if args.teacher == "head":
+        teacher_inputs = tuple(t.to(dtype) for t in teacher_inputs)
     rss_with_inputs = current_rss_bytes()
     times, loss_value, grad = [], None, None
     for _ in range(args.repeats):
@@ -130,6 +152,7 @@ def run_child(args, teacher: str, variant: str) -> dict:
         sys.executable, __file__, "--child", "--teacher", teacher, "--variant", variant,
         "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--tokens", str(args.tokens),
         "--chunk-size", str(args.chunk_size), "--repeats", str(args.repeats), "--threads", str(args.threads),
+        "--dtype", args.dtype,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -149,14 +172,20 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    add_dtype_argument(parser)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        floor_child(args) if args.variant == "floor" else child(args)
+        return
+    dtype, skipped = benchmark_dtype(args.dtype)
+    if dtype is None:
+        print(skipped)
+        print(json.dumps({"bench": "kd_loss", "dtype": args.dtype, "skipped": skipped}))
         return
 
     gb = 1e9
     print(
-        f"distillation loss + backward: N={args.tokens} tokens, H={args.hidden}, V={args.vocab}, float32, CPU "
+        f"distillation loss + backward: N={args.tokens} tokens, H={args.hidden}, V={args.vocab}, {args.dtype}, CPU "
         f"({args.threads} threads), frozen LM head, chunk {args.chunk_size}, best of {args.repeats}"
     )
     header = f"{'teacher':8} {'variant':7} {'time s':>8} {'peak RSS GB':>12} {'above inputs GB':>16} {'loss':>12}"
@@ -165,12 +194,17 @@ def main() -> None:
     summary = {}
     for teacher in args.teachers.split(","):
         results = {variant: run_child(args, teacher, variant) for variant in ("naive", "fused")}
+        floor_s = run_child(args, teacher, "floor")["time_s"]
         for variant, r in results.items():
             above = (r["peak_rss"] - r["rss_with_inputs"]) / gb
             peak = r["peak_rss"] / gb
-            print(f"{teacher:8} {variant:7} {r['time_s']:8.2f} {peak:12.2f} {above:16.2f} {r['loss']:12.6f}")
+            print(f"{teacher:8} {variant:7} {r['time_s']:8.2f} {peak:12.2f} {above:16.2f} {r['loss']:12.6f}"
+                  f"  ({floor_s / r['time_s']:.0%} of the floor)")
+        print(f"{teacher:8} {'floor':7} {floor_s:8.2f}  (the loss's matmuls alone)")
         naive, fused = results["naive"], results["fused"]
         ratios = {
+            "fused_fraction_of_floor": floor_s / fused["time_s"],
+            "naive_fraction_of_floor": floor_s / naive["time_s"],
             "memory_ratio": fused["peak_rss"] / naive["peak_rss"],
             "memory_ratio_above_inputs": (fused["peak_rss"] - fused["rss_with_inputs"])
             / (naive["peak_rss"] - naive["rss_with_inputs"]),
@@ -190,6 +224,7 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "kd_loss",
+                "dtype": args.dtype,
                 "tokens": args.tokens,
                 "hidden": args.hidden,
                 "vocab": args.vocab,
@@ -197,6 +232,7 @@ def main() -> None:
                 "memory_ratio": primary["memory_ratio"],
                 "memory_ratio_above_inputs": primary["memory_ratio_above_inputs"],
                 "time_ratio": primary["time_ratio"],
+                "fused_fraction_of_floor": primary["fused_fraction_of_floor"],
                 "by_teacher": summary,
             }
         )

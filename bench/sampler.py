@@ -5,7 +5,11 @@ Same weights (ours is loaded from the transformers checkpoint), same prompts, gr
 8 layers, 8 heads / 2 KV heads, vocabulary 32000, batch 8, 256-token prompts that each hold one
 audio clip of a different length, 128 new tokens.
 
-    python bench/sampler.py [--batch 8 --prompt 256 --new 128]
+    python bench/sampler.py [--batch 8 --prompt 256 --new 128] [--dtype float32|bfloat16]
+
+The floor (bench/floor.py), timed in the same run and dtype: the decoder's weight matmuls
+alone, for the prefill (batch x prompt rows; the LM head on the last position only) and for
+each decode step (batch rows); ours and transformers are reported as a fraction of it.
 
 Ours and transformers run --repeats times in alternation (median reported). The recompute loop (rollout/recompute.py: full forward over prompt + generated tokens at each
 step, no cache) is timed on the first --recompute-prompts prompts only, since it is slow; its
@@ -25,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from floor import add_dtype_argument, benchmark_dtype, decoder_matmuls, matmul_seconds  # noqa: E402
 from reference import add_size_arguments, reference_model  # noqa: E402
 
 from model import load_pretrained  # noqa: E402
@@ -59,14 +64,22 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--recompute-prompts", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    add_dtype_argument(parser)
     args = parser.parse_args()
+    dtype, skipped = benchmark_dtype(args.dtype)
+    if dtype is None:
+        print(skipped)
+        print(json.dumps({"benchmark": "greedy_generation", "dtype": args.dtype, "skipped": skipped}))
+        return
 
     reference = reference_model(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
                                 kv_heads=args.kv_heads, original_max=4096).eval()
     with tempfile.TemporaryDirectory() as directory:
         reference.save_pretrained(directory)
-        ours = load_pretrained(directory).eval()
+        ours = load_pretrained(directory, dtype=dtype).eval()
+    reference = reference.to(dtype)
     prompts, features, frames, audio_tokens = make_batch(args, args.vocab - 1)
+    features = features.to(dtype)
     params = SamplingParams(max_new_tokens=args.new, temperature=0, eos_token_ids=())
 
     input_ids = torch.stack(prompts)  # all prompts have the same length: no text padding
@@ -99,22 +112,34 @@ def main() -> None:
                             audio_lengths=frames[i:i + 1])
         for i in range(count)])
 
+    sizes = dict(hidden=args.hidden, intermediate=4 * args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                 head_dim=args.hidden // args.heads, layers=args.layers, vocab=args.vocab)
+    prefill = decoder_matmuls(rows=args.batch * args.prompt, lm_head_rows=args.batch, **sizes)
+    decode = decoder_matmuls(rows=args.batch, **sizes)
+    floor_s = matmul_seconds(prefill, dtype) + (args.new - 1) * matmul_seconds(decode, dtype)
+
     agree_hf = (rollout.tokens == hf_tokens).float().mean().item()
     agree_recompute = (rollout.tokens[:count] == torch.tensor(recomputed)).float().mean().item()
     rates = {
         "ours": args.batch * args.new / ours_s,
         "transformers_generate": args.batch * args.new / hf_s,
         "recompute_loop": count * args.new / recompute_s,
+        "floor (weight matmuls alone)": args.batch * args.new / floor_s,
     }
     print(f"decoder hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, vocab "
           f"{args.vocab}; batch {args.batch} x {args.prompt}-token prompts with audio, {args.new} new tokens, "
-          f"greedy, float32, {torch.get_num_threads()} threads")
+          f"greedy, {args.dtype}, {torch.get_num_threads()} threads")
     for name, rate in rates.items():
         print(f"{name:>22}: {rate:8.1f} generated tokens/s")
     print(f"greedy tokens equal to transformers: {agree_hf:.1%}, to the recompute loop: {agree_recompute:.1%}")
+    print(f"ours at {floor_s / ours_s:.0%} of the floor, transformers at {floor_s / hf_s:.0%}")
     print(json.dumps({
         "benchmark": "greedy_generation",
+        "dtype": args.dtype,
         "ours_tokens_per_s": round(rates["ours"], 1),
+        "floor_tokens_per_s": round(args.batch * args.new / floor_s, 1),
+        "ours_fraction_of_floor": round(floor_s / ours_s, 3),
+        "transformers_fraction_of_floor": round(floor_s / hf_s, 3),
         "transformers_tokens_per_s": round(rates["transformers_generate"], 1),
         "recompute_tokens_per_s": round(rates["recompute_loop"], 1),
         "speedup_vs_transformers": round(rates["ours"] / rates["transformers_generate"], 2),

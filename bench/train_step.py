@@ -6,10 +6,17 @@ decoder projection, plus the speech projector), AdamW, float32 on CPU. A step is
 backward (cross-entropy on the summary tokens only) and the optimizer step. Each side runs in
 its own child process, so its peak resident memory (ru_maxrss) is its own.
 
-    python bench/train_step.py [--batch 4 --seconds 10 --response 96 --steps 4]
+    python bench/train_step.py [--batch 4 --seconds 10 --response 96 --steps 4] [--dtype float32|bfloat16]
 
-Last line: JSON with `speedup` = our tokens/s / transformers' tokens/s (target >= 1.2) and the
-peak memories.
+The floor (bench/floor.py), timed in the same run and dtype: the decoder's weight matmuls over
+every token of the batch, forward and the gradient to their inputs (the base weights are frozen,
+so no weight gradient), with the LM head over the summary tokens only; the encoder's and the
+LoRA matmuls are left out (small at these sizes), so the floor is a little optimistic.
+`--dtype bfloat16` puts both sides' weights in bf16 (not mixed precision) and is skipped on a CPU
+without bf16 kernels.
+
+Last line: JSON with `speedup` = our tokens/s / transformers' tokens/s (target >= 1.2), each
+side's fraction of the floor and the peak memories.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from floor import add_dtype_argument, benchmark_dtype, decoder_matmuls, matmul_seconds  # noqa: E402
 from reference import reference_model  # noqa: E402
 
 VOCAB, PROMPT_TEXT = 32000, 24
@@ -48,7 +56,9 @@ def make_batch(args, audio_token: int):
 
 def run_side(side: str, directory: str, args) -> dict:
     torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
     input_ids, labels, features, audio_tokens = make_batch(args, VOCAB - 1)
+    features = features.to(dtype)
     if side == "ours":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from data.batching import Batch
@@ -56,7 +66,7 @@ def run_side(side: str, directory: str, args) -> dict:
         from model.lora import apply_lora, mark_trainable
         from train.stages import SFTStage
 
-        model = load_pretrained(directory).train()
+        model = load_pretrained(directory, dtype=dtype).train()
         apply_lora(model, rank=16, alpha=32)
         mark_trainable(model, extra_prefixes=("projector.",))
         prompt_length = input_ids.shape[1] - args.response
@@ -71,7 +81,7 @@ def run_side(side: str, directory: str, args) -> dict:
         import peft
         import transformers
 
-        model = transformers.Phi4MultimodalForCausalLM.from_pretrained(directory).train()
+        model = transformers.Phi4MultimodalForCausalLM.from_pretrained(directory, dtype=dtype).train()
         lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                target_modules=r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))")
         model = peft.get_peft_model(model, lora)
@@ -111,9 +121,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
+    add_dtype_argument(parser)
     args = parser.parse_args()
     if args.side:
         print(json.dumps(run_side(args.side, args.dir, args)))
+        return
+    dtype, skipped = benchmark_dtype(args.dtype)
+    if dtype is None:
+        print(skipped)
+        print(json.dumps({"benchmark": "sft_train_step", "dtype": args.dtype, "skipped": skipped}))
         return
 
     with tempfile.TemporaryDirectory() as directory:
@@ -123,16 +139,26 @@ def main() -> None:
         for side in ("ours", "transformers"):
             command = [sys.executable, __file__, "--side", side, "--dir", directory, "--batch", str(args.batch),
                        "--seconds", str(args.seconds), "--response", str(args.response), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup)]
+                       "--warmup", str(args.warmup), "--dtype", args.dtype]
             out = subprocess.run(command, check=True, capture_output=True, text=True)
             results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = results["ours"]["tokens"]
+    shapes = decoder_matmuls(rows=rows, lm_head_rows=args.batch * args.response, hidden=512, intermediate=2048,
+                             heads=8, kv_heads=2, head_dim=64, layers=8, vocab=VOCAB)
+    floor_s = matmul_seconds(shapes, dtype, passes=("forward", "input_grad"), repeats=3)
     print(f"SFT step: decoder hidden 512 x 8 layers, vocab {VOCAB}, encoder hidden 256; batch {args.batch} x "
-          f"({args.seconds} s audio + {PROMPT_TEXT} prompt + {args.response} summary tokens), float32, CPU")
+          f"({args.seconds} s audio + {PROMPT_TEXT} prompt + {args.response} summary tokens), {args.dtype}, CPU")
     for side, r in results.items():
         print(f"{side:>12}: {r['step_s'] * 1e3:8.1f} ms/step, {r['tokens'] / r['step_s']:8.0f} tokens/s, "
-              f"peak {r['peak_mib']:7.0f} MiB, {r['trainable']} trainable, first loss {r['first_loss']:.4f}")
+              f"peak {r['peak_mib']:7.0f} MiB, {r['trainable']} trainable, first loss {r['first_loss']:.4f}, "
+              f"{floor_s / r['step_s']:.0%} of the floor")
+    print(f"{'floor':>12}: {floor_s * 1e3:8.1f} ms/step (the weight matmuls alone, forward + input gradient)")
     ours, theirs = results["ours"], results["transformers"]
-    print(json.dumps({"benchmark": "sft_train_step", "ours_tokens_per_s": round(ours["tokens"] / ours["step_s"], 1),
+    print(json.dumps({"benchmark": "sft_train_step", "dtype": args.dtype,
+                      "ours_tokens_per_s": round(ours["tokens"] / ours["step_s"], 1),
+                      "floor_tokens_per_s": round(rows / floor_s, 1),
+                      "ours_fraction_of_floor": round(floor_s / ours["step_s"], 3),
+                      "transformers_fraction_of_floor": round(floor_s / theirs["step_s"], 3),
                       "transformers_tokens_per_s": round(theirs["tokens"] / theirs["step_s"], 1),
                       "speedup": round(theirs["step_s"] / ours["step_s"], 3),
                       "ours_peak_mib": round(ours["peak_mib"]), "transformers_peak_mib": round(theirs["peak_mib"]),
