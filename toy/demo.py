@@ -26,9 +26,10 @@ configs/toy/demo_*.toml (the A100 recipes in configs/phi4mm/ differ in sizes onl
 
 Stages run as soon as the ones they need have finished, `--jobs` at a time (default: up to 4,
 one per CPU core), each entry point with `--threads` torch threads (default: the cores shared
-out, one each on a 2-core laptop). Small models use a second thread poorly (an SFT step on
-2 threads is about 1.4x faster than on 1), so two stages side by side on one thread each
-finish sooner than the same stages one after the other on two. The evaluation is split the
+out, one each on a 2-core laptop). Decoding a small model (most of KD, the preference pairs
+and the evaluation) gains little from a second thread, so two such stages side by side on one
+thread each finish sooner than one after the other on two; SFT, which every later training
+stage needs, runs first and alone, with every core. The evaluation is split the
 same way: `eval_NAME` decodes and judges one checkpoint as soon as it exists (into WORK/eval,
 eval.run's caches), and the final `eval` stage reads them all back, decoding nothing, to
 write the tables. With more than one job, a stage's output goes to WORK/STAGE/log.txt (its
@@ -54,6 +55,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -99,12 +101,14 @@ QUICK = Mode("quick", sft=("optim.epochs=1.0",), kd=("optim.epochs=0.5", "kd.max
 @dataclass(frozen=True)
 class Stage:
     """One stage of the run: `run(folder)` once every stage named in `after` has finished.
-    `always`: run even when its DONE stamp exists (an entry point that caches its own work)."""
+    `always`: run even when its DONE stamp exists (an entry point that caches its own work).
+    `solo`: run with nothing beside it and `jobs * threads` torch threads."""
 
     name: str
     run: Callable[[Path], None]
     after: tuple[str, ...] = ()
     always: bool = False
+    solo: bool = False  # runs alone, with every core's threads (a stage everything else waits for)
 
 
 @dataclass
@@ -118,16 +122,19 @@ class Demo:
     jobs: int = 1  # stages at a time
     threads: int | None = None  # torch threads per entry point (None: torch's default)
     timings: dict[str, float] = field(default_factory=dict)
+    _local: threading.local = field(default_factory=threading.local, repr=False)  # this stage's threads
 
     # -- helpers -------------------------------------------------------------------------------
 
     def log(self, message: str) -> None:
         print(f"[demo] {message}", flush=True)
 
-    def stage(self, name: str, run, *, always: bool = False) -> Path:
+    def stage(self, name: str, run, *, always: bool = False, threads: int | None = None) -> Path:
         """Run `run(folder)` unless folder/DONE holds a finished stamp (or `always`: a stage whose
         entry point caches its own work, like eval.run, runs every time and redoes only what
-        changed); stamp DONE (atomically) with the wall time."""
+        changed); stamp DONE (atomically) with the wall time. `threads`: this stage's torch
+        threads (default `self.threads`)."""
+        self._local.threads = threads or self.threads
         folder = self.work / name
         done = folder / "DONE"
         seconds = _stamp_seconds(done)
@@ -148,16 +155,24 @@ class Demo:
 
     def run_stages(self, stages: list[Stage]) -> None:
         """Run `stages`, up to `self.jobs` at a time, each as soon as the stages it needs are done;
-        among the ready ones, list order first (the longest chain is listed first). After a
+        among the ready ones, list order first (the longest chain is listed first). A `solo`
+        stage waits until nothing runs, then runs alone with every core's threads. After a
         failure nothing new starts; the running stages finish, then the first error is raised."""
         pending, finished, errors = list(stages), set(), []
+        solo_threads = self.jobs * self.threads if self.threads else None
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             running = {}
             while True:
                 ready = [s for s in pending if set(s.after) <= finished] if not errors else []
-                for stage in ready[: self.jobs - len(running)]:
+                for stage in ready:
+                    if len(running) >= self.jobs or any(s.solo for s in running.values()):
+                        break
+                    if stage.solo and running:
+                        break  # list order: nothing jumps ahead of a solo stage that waits for the others
                     pending.remove(stage)
-                    running[pool.submit(self.stage, stage.name, stage.run, always=stage.always)] = stage
+                    threads = solo_threads if stage.solo else None
+                    running[pool.submit(self.stage, stage.name, stage.run, always=stage.always,
+                                        threads=threads)] = stage
                 if not running:
                     break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -178,8 +193,9 @@ class Demo:
         with several jobs its output is appended to folder/log.txt."""
         command = [self.python, "-m", module, *args]
         env = dict(os.environ)
-        if self.threads:
-            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        threads = getattr(self._local, "threads", None) or self.threads
+        if threads:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         if self.jobs == 1:
             result = subprocess.run(command, cwd=ROOT, env=env)
         else:
@@ -217,7 +233,7 @@ class Demo:
         student, teacher = models / "student", models / "teacher"
         sft, kd = work / "sft" / "merged", work / "kd" / "merged"
         stages = [
-            Stage("sft", lambda f: self.train("sft", f, student, self.corpus / "sft.jsonl")),
+            Stage("sft", lambda f: self.train("sft", f, student, self.corpus / "sft.jsonl"), solo=True),
             Stage("kd", lambda f: self.train("kd", f, sft, self.corpus / "kd.jsonl", f'kd.teacher="local:{teacher}"'),
                   after=("sft",)),
             Stage("pairs", lambda f: self.preferences(f, kd), after=("kd",)),
@@ -246,7 +262,8 @@ class Demo:
     def kd_through_server(self, folder: Path, start: Path, teacher: Path) -> None:
         """KD with the teacher served by rollout.server (loopback, any free port) and read through the
         top-20 logprob API adapter, as a GPT-4o-style endpoint would be."""
-        env = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)} if self.threads else None
+        threads = getattr(self._local, "threads", None) or self.threads
+        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
         try:
             with serving(teacher, "--log-level", "WARNING", model_name="toy-teacher", python=self.python,
                          env=env, start_timeout_s=SERVER_START_SECONDS) as (_, base_url):

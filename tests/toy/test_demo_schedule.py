@@ -77,3 +77,27 @@ def test_parallelism_defaults_and_bad_values():
     assert parallelism(1, None)[0] == 1
     with pytest.raises(DemoError, match="at least 1"):
         parallelism(0, None)
+
+
+def test_a_solo_stage_runs_alone_with_every_core(tmp_path):
+    """A solo stage waits for the running ones, nothing starts beside it, and its entry points
+    get jobs * threads torch threads (the others their share)."""
+    r, seen = Recorder(), {}
+    demo = Demo(tmp_path / "work", tmp_path / "out", Mode("test"), tmp_path / "corpus", tmp_path / "models",
+                jobs=2, threads=3)
+
+    def watching(stage):
+        def run(folder):
+            seen[stage.name] = demo._local.threads
+            stage.run(folder)
+        return Stage(stage.name, run, after=stage.after, solo=stage.solo)
+
+    solo = r.stage("solo")
+    stages = [r.stage("first", seconds=0.2), Stage("solo", solo.run, solo=True), r.stage("later"),
+              r.stage("after_solo", after=("solo",))]
+    demo.run_stages([watching(s) for s in stages])
+    assert r.time("start", "solo") >= r.time("end", "first")  # waited for the running stage
+    others = [n for n in ("first", "later", "after_solo")]
+    for name in others:  # nothing overlapped it
+        assert r.time("end", name) <= r.time("start", "solo") or r.time("start", name) >= r.time("end", "solo")
+    assert seen == {"first": 3, "solo": 6, "later": 3, "after_solo": 3}
