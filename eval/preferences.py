@@ -336,8 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
         run(args.manifest, args.out, model, tokenizer, judge, config, strict=args.strict,
             policy=DurationPolicy(args.max_duration or None, args.on_too_long), feature_cache=args.feature_cache)
-        if model.encoder_cache is not None:
-            model.encoder_cache.record_usage(f"eval.preferences {args.out}")
+        encoder_cache = getattr(model, "encoder_cache", None)
+        if encoder_cache is not None:
+            encoder_cache.record_usage(f"eval.preferences {args.out}")
     except (ApiError, ValueError, OSError) as error:
         return report_error("eval.preferences", error)
     return 0

@@ -1,6 +1,6 @@
 """The one OpenAI-compatible client of the project: retries, on-disk cache, usage, concurrency.
 
-Both remote models go through it: the API teacher (`rollout.teachers.OpenAICompatibleTeacher`,
+Both remote models go through it: the API teacher (`rollout.remote_teacher.OpenAICompatibleTeacher`,
 `/v1/completions`) and the LLM judge (`eval.judge.OpenAIJudge`, `/v1/chat/completions`).
 HTTP itself is the `openai` Python client, built as
 `openai.OpenAI(base_url=..., api_key=..., max_retries=0, timeout=...)`: the client's own

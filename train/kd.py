@@ -17,7 +17,8 @@ reads the transcript (`kd.teacher`):
 import sys
 
 from rollout.api_client import RetryPolicy
-from rollout.teachers import LocalTeacher, OpenAICompatibleTeacher
+from rollout.remote_teacher import OpenAICompatibleTeacher
+from rollout.teachers import LocalTeacher
 
 from .config import ConfigError
 from .stages import KDStage

@@ -11,7 +11,7 @@ import torch
 from model import load_pretrained
 from model.tokenizer import load_tokenizer
 from rollout.sampler import SamplingParams, generate
-from rollout.server import chat_prompt_ids
+from rollout.server_requests import chat_prompt_ids
 from tests.rollout.server_process import address, raw_exchange, running_server
 from tests.rollout.tiny_checkpoint import build_tiny_checkpoint
 

@@ -15,13 +15,13 @@ import torch
 
 from model.tokenizer import load_tokenizer
 from rollout.api_client import ApiClient, ApiRequest, EndpointError, ResponseCache, RetriesExhaustedError, RetryPolicy
-from rollout.teachers import (
+from rollout.remote_teacher import (
     CHAT_ONLY_EXPLANATION,
-    LocalTeacher,
     OpenAICompatibleTeacher,
     ScoringUnsupportedError,
     TeacherAlignmentError,
 )
+from rollout.teachers import LocalTeacher
 from tests.rollout.http_stub import Reply, StubServer
 from tests.rollout.tiny_checkpoint import build_tiny_checkpoint, serving
 
@@ -465,7 +465,7 @@ def test_scores_are_packed_for_the_cache_exactly_and_in_fewer_bytes():
     import json
     import random
 
-    from rollout.teachers import pack_scores, unpack_scores
+    from rollout.remote_teacher import pack_scores, unpack_scores
 
     rng = random.Random(0)
     steps, k = 300, 20

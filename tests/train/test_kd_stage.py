@@ -9,7 +9,8 @@ from model import load_pretrained
 from model.lora import apply_lora, mark_trainable
 from model.tokenizer import load_tokenizer
 from rollout.sampler import SamplingParams, generate
-from rollout.teachers import LocalTeacher, OpenAICompatibleTeacher
+from rollout.remote_teacher import OpenAICompatibleTeacher
+from rollout.teachers import LocalTeacher
 from tests.rollout.tiny_checkpoint import build_tiny_checkpoint, corpus, serving
 from train.config import load_config
 from train.distributed import DistInfo
