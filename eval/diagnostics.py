@@ -8,12 +8,11 @@ after on-policy KD (section 3), an answer that ignores "in 3 bullet points", or 
     d.longest_repeated_span     # 8: "how to get away how to get away" occurs twice (overlapping)
 
 Tokens are lower-cased words (letters and digits, with inner ' or -), punctuation dropped; a
-character of a script written without spaces (CJK, kana, hangul) is a token of its own.
+character of a script written without spaces (CJK, kana, hangul) is a token of its own
+(data/text.py, which holds the project's one repetition measure).
 - `repeated_ngram_fraction`: share of the output's n-grams (n = 4) equal to an earlier n-gram
-  of the same output; 0 for outputs with fewer than two n-grams. `repetition(text)` is this
-  on the text's word tokens: the project's one repetition measure, the same number in the KD
-  log (train/stages.py), the preference-pair statistics (eval/preferences.py), this table and
-  the toy oracle's penalty.
+  of the same output; 0 for outputs with fewer than two n-grams (data.text.repetition: the
+  same number in the KD log, the preference-pair statistics, this table and the toy oracle).
 - `longest_repeated_span`: the length in tokens of the longest token sequence that occurs at
   least twice (occurrences may overlap, so a loop of period p over L tokens scores L - p: the
   measure grows with the loop), and `repeated_span` that text.
@@ -46,12 +45,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-NGRAM = 4
+from data.text import repeated_ngram_fraction, tokens
+
 WORD_TOLERANCE = 0.25
 UNITS = ("words", "sentences", "bullets", "paragraphs")
 FORMATS = ("json", "bullets", "numbered")
 
-_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W_]+(?:['’-][^\W_]+)*")
 _BULLET_LINE = re.compile(r"^\s*(?:[-*+•‣▪◦–—·])\s+\S")
 _NUMBERED_LINE = re.compile(r"^\s*\d{1,3}[.)]\s+\S")
 _NUMBER_WORDS = {w: i for i, w in enumerate(
@@ -99,22 +98,6 @@ class Diagnostics:
                                        "max": None if math.isinf(self.requested_length.high)
                                        else self.requested_length.high}
         return row
-
-
-def tokens(text: str) -> list[str]:
-    """Lower-cased word tokens (see the module docstring)."""
-    return [t.lower() for t in _TOKEN.findall(text)]
-
-
-def repeated_ngram_fraction(words: Sequence, n: int = NGRAM) -> float:
-    """Share of n-grams that repeat an earlier one: 1 - distinct / total (0 for fewer than 2)."""
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 0.0 if len(grams) < 2 else 1.0 - len(set(grams)) / len(grams)
-
-
-def repetition(text: str) -> float:
-    """The repetition of a text: `repeated_ngram_fraction` of its word tokens (module docstring)."""
-    return repeated_ngram_fraction(tokens(text))
 
 
 def longest_repeated_span(words: Sequence[str]) -> tuple[int, int]:

@@ -52,7 +52,7 @@ skipped and counted (data/dataset.py), not written, so a later run retries them.
 
 Statistics over the whole output (printed, and returned by `run`): tie, disagreement, invalid
 and identical counts and rates, and chosen vs rejected: words, tokens, repetition
-(eval.diagnostics.repetition, the share of word 4-grams that repeat an earlier one: "- How to Get
+(data.text.repetition, the share of word 4-grams that repeat an earlier one: "- How to Get
 Away - How to Get Away" scores high),
 the share that stopped with an EOS.
 """
@@ -75,7 +75,7 @@ from data.batching import collate
 from data.dataset import ManifestDataset
 from data.manifest import DataError, ManifestEntry, read_manifest
 from data.synth import append_rows, read_rows
-from eval.diagnostics import repetition
+from data.text import repetition
 from eval.judge import add_judge_arguments, judge_request_options
 from model.errors import report_error
 from rollout.api_client import ApiError, add_client_arguments, client_options

@@ -54,7 +54,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from eval.diagnostics import repeated_ngram_fraction
+from data.text import repeated_ngram_fraction
 from eval.judge import JudgeScore, Preference
 
 from .tasks import Spec, Task, facts, spec
@@ -179,7 +179,7 @@ def analyze(meeting: Meeting, task: Task, summary: str) -> OracleScore:
     format_score = _format_score(summary, task_spec)
     limit = task_spec.max_words
     length_penalty = min(2.0, 2.0 * (words - limit) / limit) if limit and words > limit else 0.0
-    repetition = repeated_ngram_fraction(normalized.split())  # eval.diagnostics' measure, on the judge's words
+    repetition = repeated_ngram_fraction(normalized.split())  # data.text's measure, on the judge's words
     raw = (1 + 6 * recall * precision - 3 * (1 - format_score) - length_penalty - min(3.0, 6 * repetition)
            - (1 if hallucinated else 0))
     return OracleScore(

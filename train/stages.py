@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from data.batching import Batch, collate
-from eval.diagnostics import repeated_ngram_fraction, repetition
+from data.text import repeated_ngram_fraction, repetition
 from losses.dpo import dpo_loss, sequence_logprobs
 from losses.kd import check_divergence
 from losses.kd_fused import fused_kd_loss
@@ -202,7 +202,7 @@ class KDStage:
                        repetition=[self.repetition(r) for r in responses])
 
     def repetition(self, response: list[int]) -> float:
-        """eval.diagnostics.repetition of the decoded response (the "- How to Get Away - How to Get
+        """data.text.repetition of the decoded response (the "- How to Get Away - How to Get
         Away ..." loop the paper reports after KD): the number eval.run's table shows."""
         return repetition(self.decode(response)) if self.decode else repeated_ngram_fraction(response)
 

@@ -4,15 +4,14 @@ import math
 
 import pytest
 
+from data.text import repeated_ngram_fraction, tokens
 from eval.diagnostics import (
     count,
     diagnose,
     format_valid,
     longest_repeated_span,
-    repeated_ngram_fraction,
     requested_format,
     requested_length,
-    tokens,
 )
 from eval.report import summarize
 

@@ -15,7 +15,7 @@ import torch
 
 from eval import preferences
 from data.dataset import ManifestDataset
-from eval.diagnostics import repetition
+from data.text import repetition
 from eval.preferences import SamplingConfig, classify
 from eval.judge import OpenAIJudge
 from model import load_pretrained, save_pretrained
