@@ -5,7 +5,9 @@ every projection of every layer and for the LM head (and, in training, the matmu
 the gradient back through them). Attention, norms, rotary, the loss, sampling and Python are
 what a real step adds on top. So each benchmark times those matmuls alone, with the same
 shapes, dtype and threads, in the same run, and prints ours / floor beside ours / peer:
-`fraction_of_floor` = floor seconds / our seconds (1.0 = nothing but the matmuls).
+`fraction_of_floor` = floor seconds / our seconds (1.0 = nothing but the matmuls). The floor
+is timed apart from the step (median of a few repeats), so on a noisy CPU a step that is all
+matmuls can read a little above 1.0: that is "at the floor", within the timing noise.
 
     shapes = decoder_matmuls(rows=8, hidden=512, intermediate=2048, heads=8, kv_heads=2,
                              head_dim=64, layers=8, vocab=32000)      # one decode step, batch 8
