@@ -9,9 +9,10 @@ character of a script written without spaces (CJK, kana, hangul) is a token of i
 ids) equal to an earlier n-gram of the same sequence, 0 with fewer than two n-grams: the
 "- How to Get Away - How to Get Away ..." loop the paper reports after on-policy KD.
 `repetition(text)` is that over the text's word tokens: the number the KD log
-(train/stages.py), the preference-pair statistics (eval/preferences.py), the evaluation's
-diagnostics (eval/diagnostics.py) and the toy oracle's penalty all report. It lives here, the
-lowest layer that training and evaluation share.
+(train/stages.py), the preference-pair statistics (eval/preferences.py) and the evaluation's
+diagnostics (eval/diagnostics.py) all report; the toy oracle applies the same n-gram measure to
+its own normalised words (its formula is fixed). It lives here, the lowest layer that training
+and evaluation share.
 """
 from __future__ import annotations
 

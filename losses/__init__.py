@@ -60,11 +60,13 @@ def check_reduction(reduction: str) -> None:
 
 
 def check_mask(mask: Tensor, batch_shape: torch.Size, what: str) -> Tensor:
-    """Return ``mask`` as bool after checking that it is [B, T] like the first two dims of ``what``."""
+    """Return ``mask`` as bool after checking that it is [B, T] like the first two dims of
+    ``what``."""
     if tuple(mask.shape) != tuple(batch_shape):
         raise ValueError(
             f"mask has shape {tuple(mask.shape)} but {what} has batch shape {tuple(batch_shape)}; "
-            "pass the [B, T] response mask that lines up with it (shift both, see losses/__init__.py)"
+            "pass the [B, T] response mask that lines up with it "
+            "(shift both, see losses/__init__.py)"
         )
     return mask if mask.dtype == torch.bool else mask != 0
 

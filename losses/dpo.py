@@ -2,16 +2,18 @@
 
 For each audio x the student's two samples are judged: y+ preferred, y- rejected. Eq. 3:
 
-    L_DPO = E_x [ log sigma( beta log pi(y+|x)/pi_ref(y+|x) - beta log pi(y-|x)/pi_ref(y-|x) ) ]   (3)
+    L_DPO = E_x [ log sigma( beta log pi(y+|x)/pi_ref(y+|x)
+                             - beta log pi(y-|x)/pi_ref(y-|x) ) ]   (3)
 
 SIGN. As printed, (3) is a quantity to *maximise*. ``dpo_loss`` returns its negative, a scalar to
 minimise (TRL's "sigmoid" loss):
 
-    loss = -log sigma(beta * margin),   margin = [log pi(y+) - log pi_ref(y+)] - [log pi(y-) - log pi_ref(y-)]
+    loss = -log sigma(beta * margin),   margin = [log pi(y+) - log pi_ref(y+)]
+                                                 - [log pi(y-) - log pi_ref(y-)]
 
-Per pair, d loss / d log pi(y+) = -beta sigma(-beta margin) and d loss / d log pi(y-) = +beta sigma(-beta margin)
-(``reduction="mean"`` divides both by the number of pairs P): a descent step raises log pi(y+) and
-lowers log pi(y-), i.e. raises the margin.
+Per pair, d loss / d log pi(y+) = -beta sigma(-beta margin) and
+d loss / d log pi(y-) = +beta sigma(-beta margin) (``reduction="mean"`` divides both by the number
+of pairs P): a descent step raises log pi(y+) and lowers log pi(y-), i.e. raises the margin.
 
 log pi(y|x) is the sum of token log-probabilities over the response tokens (``sequence_logprobs``).
 pi_ref is the KD checkpoint: in this project the same model with its LoRA adapters disabled, or
@@ -42,8 +44,10 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     mask = check_mask(mask, logits.shape[:2], "logits")
     response_logits = logits[mask].to(compute_dtype(logits))  # (N, V)
     response_labels = labels[mask].long()  # (N,) y_t
-    label_logits = response_logits.gather(-1, response_labels[:, None]).squeeze(-1)  # (N,) logit of y_t
-    token_logprobs = label_logits - torch.logsumexp(response_logits, dim=-1)  # (N,) log pi(y_t | x, y_<t)
+    # (N,) logit of y_t
+    label_logits = response_logits.gather(-1, response_labels[:, None]).squeeze(-1)
+    # (N,) log pi(y_t | x, y_<t)
+    token_logprobs = label_logits - torch.logsumexp(response_logits, dim=-1)
     row_of_token = mask.nonzero()[:, 0]  # (N,) which sequence each response token belongs to
     sequence_sums = torch.zeros(logits.shape[0], dtype=token_logprobs.dtype, device=logits.device)
     return sequence_sums.index_add(0, row_of_token, token_logprobs)  # (B,) log pi(y | x)
@@ -81,18 +85,28 @@ def dpo_loss(
     if not beta > 0:
         raise ValueError(f"beta={beta}: the DPO temperature must be > 0 (paper/TRL default 0.1)")
     if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing={label_smoothing}: the cDPO flip probability must lie in [0, 0.5]")
+        raise ValueError(
+            f"label_smoothing={label_smoothing}: the cDPO flip probability must lie in [0, 0.5]"
+        )
     inputs = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     shapes = {tuple(t.shape) for t in inputs}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        raise ValueError(f"dpo_loss: the four log-prob tensors must all be [P] (one per pair), got shapes {shapes}")
+        raise ValueError(
+            "dpo_loss: the four log-prob tensors must all be [P] (one per pair), "
+            f"got shapes {shapes}"
+        )
     ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.detach(), ref_rejected_logps.detach()
     chosen_logratio = policy_chosen_logps - ref_chosen_logps  # (P,) log pi(y+|x) / pi_ref(y+|x)
-    rejected_logratio = policy_rejected_logps - ref_rejected_logps  # (P,) log pi(y-|x) / pi_ref(y-|x)
-    margin = chosen_logratio - rejected_logratio  # (P,) the argument of sigma in eq. 3, divided by beta
+    # (P,) log pi(y-|x) / pi_ref(y-|x)
+    rejected_logratio = policy_rejected_logps - ref_rejected_logps
+    # (P,) the argument of sigma in eq. 3, divided by beta
+    margin = chosen_logratio - rejected_logratio
     per_pair = -F.logsigmoid(beta * margin)  # (P,) -log sigma(beta margin): eq. 3 negated
     if label_smoothing > 0.0:
-        per_pair = (1.0 - label_smoothing) * per_pair - label_smoothing * F.logsigmoid(-beta * margin)  # (P,) cDPO
+        # (P,) cDPO
+        per_pair = (
+            (1.0 - label_smoothing) * per_pair - label_smoothing * F.logsigmoid(-beta * margin)
+        )
     loss = reduce_loss(per_pair.sum(), per_pair.numel(), reduction)
 
     chosen_rewards = (beta * chosen_logratio).detach()  # (P,) implicit reward r(x, y+)

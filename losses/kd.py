@@ -23,19 +23,21 @@ is p_S - p_T.
 
 The GKD family (Agarwal et al., ICLR 2024; TRL ``generalized_jsd_loss``), ``beta`` in [0, 1]:
 
-    JSD_beta(p_T, p_S) = beta KL(p_T || M) + (1 - beta) KL(p_S || M),   M = beta p_T + (1 - beta) p_S
+    JSD_beta(p_T, p_S) = beta KL(p_T || M) + (1 - beta) KL(p_S || M),
+                         M = beta p_T + (1 - beta) p_S
 
 beta = 0 is *defined* as forward KL(p_T || p_S) and beta = 1 as reverse KL(p_S || p_T): the
 mixture form itself vanishes at both ends (M becomes p_S, resp. p_T); JSD_beta / beta tends to the
 forward KL as beta -> 0 and JSD_beta / (1 - beta) to the reverse KL as beta -> 1.
 
 Temperature ``tau`` (default 1) applies to *both* distributions before the divergence, as the
-``temperature`` argument of TRL's ``generalized_jsd_loss`` does: p_S = softmax(student_logits / tau),
-p_T = softmax(log p_T / tau) (dividing log-probabilities by tau and renormalising equals dividing
-the teacher's logits by tau). No tau^2 factor is applied. With tau = 1 the teacher log-probabilities
-are used exactly as given, so they should be normalised (log_softmax output). This loss temperature
-is not the rollout's sampling temperature: TRL's GKDTrainer samples at its configured temperature
-but calls the loss with the default 1.0, and the paper uses no loss temperature either.
+``temperature`` argument of TRL's ``generalized_jsd_loss`` does:
+p_S = softmax(student_logits / tau), p_T = softmax(log p_T / tau) (dividing log-probabilities by
+tau and renormalising equals dividing the teacher's logits by tau). No tau^2 factor is applied.
+With tau = 1 the teacher log-probabilities are used exactly as given, so they should be normalised
+(log_softmax output). This loss temperature is not the rollout's sampling temperature: TRL's
+GKDTrainer samples at its configured temperature but calls the loss with the default 1.0, and the
+paper uses no loss temperature either.
 
 Divergences by name: "forward" (eq. 1), "reverse", "jsd" (with 0 < beta < 1); `divergence_rows`
 dispatches on the name, and `generalized_jsd` keeps GKD's own convention (beta = 0 and 1 are
@@ -112,14 +114,19 @@ def _mixture_jsd_rows(student_logprobs: Tensor, teacher_logprobs: Tensor, beta: 
         student_finite.new_tensor(log_one_minus_beta), log_beta + teacher_logprobs - student_finite
     )  # (N, K)
     # KL(p_T || M) = sum_z p_T(z) [-log M/p_T (z)], KL(p_S || M) likewise
-    kl_teacher_mixture = (teacher_probs * torch.where(teacher_probs > 0, -log_m_over_teacher, 0.0)).sum(-1)  # (N,)
-    kl_student_mixture = (student_probs * torch.where(student_probs > 0, -log_m_over_student, 0.0)).sum(-1)  # (N,)
+    kl_teacher_mixture = (
+        teacher_probs * torch.where(teacher_probs > 0, -log_m_over_teacher, 0.0)
+    ).sum(-1)  # (N,)
+    kl_student_mixture = (
+        student_probs * torch.where(student_probs > 0, -log_m_over_student, 0.0)
+    ).sum(-1)  # (N,)
     return beta * kl_teacher_mixture + (1.0 - beta) * kl_student_mixture  # (N,) JSD_beta
 
 
 def divergence_rows(student_logprobs: Tensor, teacher_logprobs: Tensor, divergence: str = "forward",
                     beta: float | None = None) -> Tensor:
-    """The divergence named `divergence` per row: (N, K) x (N, K) -> (N,); see `check_divergence`."""
+    """The divergence named `divergence` per row: (N, K) x (N, K) -> (N,); see
+    `check_divergence`."""
     check_divergence(divergence, beta)
     if divergence == "forward":
         return _forward_kl_rows(student_logprobs, teacher_logprobs)
@@ -138,15 +145,17 @@ def check_divergence(divergence: str, beta: float | None) -> None:
             raise ValueError(f"divergence='jsd' needs 0 < beta < 1, got beta={beta} (beta = 0 is "
                              "divergence='forward', beta = 1 is divergence='reverse')")
     elif beta is not None:
-        raise ValueError(f"beta={beta} is the generalized JSD's mixture weight; divergence={divergence!r} "
-                         "takes none (use divergence='jsd')")
+        raise ValueError(f"beta={beta} is the generalized JSD's mixture weight; "
+                         f"divergence={divergence!r} takes none (use divergence='jsd')")
 
 
 def gkd_divergence(beta: float) -> tuple[str, float | None]:
     """GKD's beta in [0, 1] (TRL ``generalized_jsd_loss``) as (divergence, beta): 0 -> forward KL,
     1 -> reverse KL, in between -> jsd."""
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta={beta}: the GKD coefficient must lie in [0, 1] (0 forward KL, 1 reverse KL)")
+        raise ValueError(
+            f"beta={beta}: the GKD coefficient must lie in [0, 1] (0 forward KL, 1 reverse KL)"
+        )
     return ("forward", None) if beta == 0.0 else ("reverse", None) if beta == 1.0 else ("jsd", beta)
 
 
@@ -163,8 +172,10 @@ def scaled_student_logprobs(student_logits: Tensor, temperature: float) -> Tenso
     return torch.log_softmax(logits, dim=-1)
 
 
-def scaled_teacher_logprobs(teacher_logprobs: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    """log p_T, detached (the teacher is a constant); renormalised at temperature tau if tau != 1."""
+def scaled_teacher_logprobs(teacher_logprobs: Tensor, temperature: float,
+                            dtype: torch.dtype) -> Tensor:
+    """log p_T, detached (the teacher is a constant); renormalised at temperature tau if
+    tau != 1."""
     teacher_logprobs = teacher_logprobs.detach().to(dtype)
     if temperature == 1.0:
         return teacher_logprobs
@@ -175,8 +186,8 @@ def _check_full_vocab(student_logits: Tensor, teacher_logprobs: Tensor, fn: str)
     if student_logits.dim() != 3 or teacher_logprobs.shape != student_logits.shape:
         raise ValueError(
             f"{fn}: student_logits {tuple(student_logits.shape)} and teacher_logprobs "
-            f"{tuple(teacher_logprobs.shape)} must both be [B, T, V] with the same V; for a teacher "
-            "that returns only its top k tokens use forward_kl_topk"
+            f"{tuple(teacher_logprobs.shape)} must both be [B, T, V] with the same V; "
+            "for a teacher that returns only its top k tokens use forward_kl_topk"
         )
 
 
@@ -207,8 +218,8 @@ def generalized_jsd(
     """
     check_reduction(reduction)
     divergence, mixture = gkd_divergence(beta)
-    return _full_vocab_loss(student_logits, teacher_logprobs, mask, divergence, mixture, temperature, reduction,
-                            "generalized_jsd")
+    return _full_vocab_loss(student_logits, teacher_logprobs, mask, divergence, mixture,
+                            temperature, reduction, "generalized_jsd")
 
 
 def forward_kl(
@@ -235,8 +246,10 @@ def forward_kl(
     check_temperature(temperature)
     _check_full_vocab(student_logits, teacher_logprobs, "forward_kl")
     mask = check_mask(mask, student_logits.shape[:2], "student_logits")
-    student = scaled_student_logprobs(student_logits[mask], temperature)  # (N, V) log p_S^theta(z | x, y_<t)
-    teacher = scaled_teacher_logprobs(teacher_logprobs[mask], temperature, student.dtype)  # (N, V) log p_T(z | x, y_<t)
+    # (N, V) log p_S^theta(z | x, y_<t)
+    student = scaled_student_logprobs(student_logits[mask], temperature)
+    # (N, V) log p_T(z | x, y_<t)
+    teacher = scaled_teacher_logprobs(teacher_logprobs[mask], temperature, student.dtype)
     kl_per_token = _forward_kl_rows(student, teacher)  # (N,) KL(p_T || p_S) at each t
     return reduce_loss(kl_per_token.sum(), kl_per_token.numel(), reduction)  # sum_t KL_t [/ N]
 
@@ -257,17 +270,20 @@ def reverse_kl(
     probability 0 (log-prob -inf) that the student does not; same arguments as ``forward_kl``.
     """
     check_reduction(reduction)
-    return _full_vocab_loss(student_logits, teacher_logprobs, mask, "reverse", None, temperature, reduction,
-                            "reverse_kl")
+    return _full_vocab_loss(student_logits, teacher_logprobs, mask, "reverse", None, temperature,
+                            reduction, "reverse_kl")
 
 
-def _full_vocab_loss(student_logits: Tensor, teacher_logprobs: Tensor, mask: Tensor, divergence: str,
-                     beta: float | None, temperature: float, reduction: str, fn: str) -> Tensor:
+def _full_vocab_loss(student_logits: Tensor, teacher_logprobs: Tensor, mask: Tensor,
+                     divergence: str, beta: float | None, temperature: float, reduction: str,
+                     fn: str) -> Tensor:
     """The named divergence per response token, reduced: the body of the three forms above."""
     check_temperature(temperature)
     _check_full_vocab(student_logits, teacher_logprobs, fn)
     mask = check_mask(mask, student_logits.shape[:2], "student_logits")
-    student = scaled_student_logprobs(student_logits[mask], temperature)  # (N, V) log p_S^theta(z | x, y_<t)
-    teacher = scaled_teacher_logprobs(teacher_logprobs[mask], temperature, student.dtype)  # (N, V) log p_T
+    # (N, V) log p_S^theta(z | x, y_<t)
+    student = scaled_student_logprobs(student_logits[mask], temperature)
+    # (N, V) log p_T
+    teacher = scaled_teacher_logprobs(teacher_logprobs[mask], temperature, student.dtype)
     per_token = divergence_rows(student, teacher, divergence, beta)  # (N,)
     return reduce_loss(per_token.sum(), per_token.numel(), reduction)

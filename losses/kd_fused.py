@@ -36,7 +36,14 @@ from losses.kd import (
     scaled_student_logprobs,
     scaled_teacher_logprobs,
 )
-from losses.kd_topk import _check_topk, _check_topk_rows, _distinct_topk, _renormalised, _teacher_tail, _topk_membership
+from losses.kd_topk import (
+    _check_topk,
+    _check_topk_rows,
+    _distinct_topk,
+    _renormalised,
+    _teacher_tail,
+    _topk_membership,
+)
 
 
 class TeacherLogprobs(NamedTuple):
@@ -64,7 +71,8 @@ class TeacherTopK(NamedTuple):
     tail: bool = True
 
 
-TeacherDistribution = TeacherLogprobs | TeacherHead | TeacherTopK  # the three forms fused_kd_loss takes
+# the three forms fused_kd_loss takes
+TeacherDistribution = TeacherLogprobs | TeacherHead | TeacherTopK
 
 # One chunk: (logits (C, V), first row, end row, need_grad) -> (sum of the chunk's per-token
 # losses, d sum / d logits (C, V) or None). It may overwrite ``logits``, which it owns.
@@ -83,7 +91,8 @@ def _forward_kl_value_and_grad(
     overwritten: (C, V) logits (owned) and teacher log-probs (owned, detached).
     """
     student_logprobs = logits.div_(temperature) if temperature != 1.0 else logits
-    student_logprobs -= torch.logsumexp(student_logprobs, dim=-1, keepdim=True)  # (C, V) log p_S, in place
+    # (C, V) log p_S, in place
+    student_logprobs -= torch.logsumexp(student_logprobs, dim=-1, keepdim=True)
     teacher_probs = teacher_logprobs.exp()  # (C, V) p_T(z)
     # (C, V) log p_T(z) - log p_S(z) where p_T(z) > 0, else 0 (overwrites the teacher log-probs)
     log_ratio = teacher_logprobs.sub_(student_logprobs).masked_fill_(teacher_probs == 0, 0.0)
@@ -92,7 +101,8 @@ def _forward_kl_value_and_grad(
     if not need_grad:
         return value, None
     teacher_mass = teacher_probs.sum(-1, keepdim=True)  # (C, 1) sum_z p_T(z)
-    grad = student_logprobs.exp_().mul_(teacher_mass).sub_(teacher_probs)  # (C, V) p_S sum p_T - p_T
+    # (C, V) p_S sum p_T - p_T
+    grad = student_logprobs.exp_().mul_(teacher_mass).sub_(teacher_probs)
     return value, grad.div_(temperature) if temperature != 1.0 else grad
 
 
@@ -115,25 +125,33 @@ def _topk_forward_kl_value_and_grad(
     ids, teacher_logprobs, valid = _distinct_topk(topk_ids, topk_logprobs.to(logits.dtype))
     student_topk_logits = logits.gather(-1, ids)  # (C, k) logits of z_i
     if not tail:
-        student, teacher = _renormalised(student_topk_logits, valid), _renormalised(teacher_logprobs, valid)
+        student, teacher = (
+            _renormalised(student_topk_logits, valid), _renormalised(teacher_logprobs, valid)
+        )
         value = _forward_kl_rows(student, teacher).sum()
         if not need_grad:
             return value, None
         teacher_buckets = teacher.exp()  # (C, k) q_i
-        topk_grad = student.exp() * teacher_buckets.sum(-1, keepdim=True) - teacher_buckets  # (C, k) s_i Q - q_i
+        # (C, k) s_i Q - q_i
+        topk_grad = student.exp() * teacher_buckets.sum(-1, keepdim=True) - teacher_buckets
         return value, logits.zero_().scatter_add_(-1, ids, torch.where(valid, topk_grad, 0.0))
 
     in_topk, tail_nonempty = _topk_membership(ids, valid, vocab_size)
-    tail_logits = logits.masked_fill_(in_topk, NEG_INF)  # (C, V) in place: logits of the tail tokens only
+    # (C, V) in place: logits of the tail tokens only
+    tail_logits = logits.masked_fill_(in_topk, NEG_INF)
     tail_max = tail_logits.amax(-1, keepdim=True)  # (C, 1)
-    tail_max = torch.where(tail_nonempty[:, None], tail_max, 0.0)  # an empty tail (all -inf) keeps 0
-    tail_exp = tail_logits.sub_(tail_max).exp_()  # (C, V) exp(logit_z - tail max) on the tail, 0 on the top-k
+    # an empty tail (all -inf) keeps 0
+    tail_max = torch.where(tail_nonempty[:, None], tail_max, 0.0)
+    # (C, V) exp(logit_z - tail max) on the tail, 0 on the top-k
+    tail_exp = tail_logits.sub_(tail_max).exp_()
     tail_sum = tail_exp.sum(-1, keepdim=True)  # (C, 1) >= 1 unless the tail is empty
     log_tail = tail_max + tail_sum.log()  # (C, 1) log sum_{z in tail} exp(logit_z), -inf if empty
     topk_logits = torch.where(valid, student_topk_logits, NEG_INF)  # (C, k)
-    log_normaliser = torch.logaddexp(log_tail, torch.logsumexp(topk_logits, dim=-1, keepdim=True))  # (C, 1) log Z
+    # (C, 1) log Z
+    log_normaliser = torch.logaddexp(log_tail, torch.logsumexp(topk_logits, dim=-1, keepdim=True))
     student_topk = topk_logits - log_normaliser  # (C, k) log p_S(z_i), -inf where not a bucket
-    student_tail = torch.where(tail_nonempty[:, None], log_tail - log_normaliser, NEG_INF)  # (C, 1) log s_tail
+    # (C, 1) log s_tail
+    student_tail = torch.where(tail_nonempty[:, None], log_tail - log_normaliser, NEG_INF)
     teacher_tail = _teacher_tail(teacher_logprobs, tail_nonempty)[:, None]  # (C, 1) log q_tail
     student = torch.cat([student_topk, student_tail], dim=-1)  # (C, k + 1)
     teacher = torch.cat([teacher_logprobs, teacher_tail], dim=-1)  # (C, k + 1)
@@ -141,17 +159,23 @@ def _topk_forward_kl_value_and_grad(
     if not need_grad:
         return value, None
     teacher_mass = teacher.exp().sum(-1, keepdim=True)  # (C, 1) Q
-    tail_coefficient = teacher_mass * student_tail.exp() - teacher_tail.exp()  # (C, 1) Q s_tail - q_tail
+    # (C, 1) Q s_tail - q_tail
+    tail_coefficient = teacher_mass * student_tail.exp() - teacher_tail.exp()
     tail_coefficient = torch.where(tail_nonempty[:, None], tail_coefficient / tail_sum, 0.0)
-    grad = tail_exp.mul_(tail_coefficient)  # (C, V) softmax_tail(z) (Q s_tail - q_tail), 0 on the top-k ids
+    # (C, V) softmax_tail(z) (Q s_tail - q_tail), 0 on the top-k ids
+    grad = tail_exp.mul_(tail_coefficient)
     topk_grad = student_topk.exp() * teacher_mass - teacher_logprobs.exp()  # (C, k) s_i Q - q_i
     return value, grad.scatter_add_(-1, ids, torch.where(valid, topk_grad, 0.0))
 
 
-def _autograd_value_and_grad(per_token_loss: Callable[[Tensor, int, int], Tensor]) -> ChunkValueAndGrad:
+def _autograd_value_and_grad(
+    per_token_loss: Callable[[Tensor, int, int], Tensor]
+) -> ChunkValueAndGrad:
     """Chunk value and gradient by autograd of a per-token loss (reverse KL, JSD)."""
 
-    def value_and_grad(logits: Tensor, start: int, end: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    def value_and_grad(
+        logits: Tensor, start: int, end: int, need_grad: bool
+    ) -> tuple[Tensor, Tensor | None]:
         if not need_grad:
             return per_token_loss(logits, start, end).sum(), None
         with torch.enable_grad():
@@ -173,25 +197,32 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, value_and_grad: ChunkValueAndGrad, chunk_size: int):
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, value_and_grad: ChunkValueAndGrad, chunk_size: int
+    ):
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_hidden_grad or need_weight_grad
         loss_sum = torch.zeros((), dtype=compute_dtype(hidden), device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None  # (N, H)
         grad_weight = (
-            torch.zeros(weight.shape, dtype=compute_dtype(weight), device=weight.device) if need_weight_grad else None
+            torch.zeros(weight.shape, dtype=compute_dtype(weight), device=weight.device)
+            if need_weight_grad
+            else None
         )  # (V, H), accumulated over chunks in float32
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             hidden_chunk = hidden[start:end]  # (C, H)
-            logits = (hidden_chunk @ weight.T).to(compute_dtype(hidden))  # (C, V) student logits, float32
+            # (C, V) student logits, float32
+            logits = (hidden_chunk @ weight.T).to(compute_dtype(hidden))
             chunk_loss_sum, grad_logits = value_and_grad(logits, start, end, need_grad)
             loss_sum += chunk_loss_sum
             del logits
             if need_hidden_grad:
                 grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight  # (C, H)
             if need_weight_grad:
-                grad_weight.addmm_(grad_logits.T.to(grad_weight.dtype), hidden_chunk.to(grad_weight.dtype))  # (V, H)
+                grad_weight.addmm_(
+                    grad_logits.T.to(grad_weight.dtype), hidden_chunk.to(grad_weight.dtype)
+                )  # (V, H)
             del grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
@@ -237,7 +268,8 @@ def fused_kd_loss(
 
     student_hidden [B, T, H]: final decoder hidden states (after the last norm) at the positions
     whose logits score the response tokens. lm_head_weight [V, H] (no bias). mask [B, T].
-    teacher: ``TeacherLogprobs``, ``TeacherHead`` or ``TeacherTopK`` (forward KL only, temperature 1).
+    teacher: ``TeacherLogprobs``, ``TeacherHead`` or ``TeacherTopK`` (forward KL only,
+    temperature 1).
     divergence: "forward" | "reverse" | "jsd"; ``beta`` (0 < beta < 1) with "jsd" only.
     """
     check_reduction(reduction)
@@ -245,27 +277,34 @@ def fused_kd_loss(
     check_temperature(temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1 (tokens per chunk)")
-    if student_hidden.dim() != 3 or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != student_hidden.shape[-1]:
+    if (
+        student_hidden.dim() != 3
+        or lm_head_weight.dim() != 2
+        or lm_head_weight.shape[1] != student_hidden.shape[-1]
+    ):
         raise ValueError(
             f"fused_kd_loss: student_hidden {tuple(student_hidden.shape)} must be [B, T, H] and "
             f"lm_head_weight {tuple(lm_head_weight.shape)} must be [V, H] with the same H"
         )
     mask = check_mask(mask, student_hidden.shape[:2], "student_hidden")
     rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat indices of the response tokens
-    hidden_rows = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, rows)  # (N, H)
-    value_and_grad = _chunk_loss(teacher, rows, student_hidden, lm_head_weight.shape[0], divergence, beta, temperature)
+    # (N, H)
+    hidden_rows = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, rows)
+    value_and_grad = _chunk_loss(
+        teacher, rows, student_hidden, lm_head_weight.shape[0], divergence, beta, temperature
+    )
     loss_sum = _ChunkedLinearLoss.apply(hidden_rows, lm_head_weight, value_and_grad, chunk_size)
     return reduce_loss(loss_sum, rows.numel(), reduction)
 
 
-def _chunk_loss(teacher: TeacherDistribution, rows: Tensor, student_hidden: Tensor, vocab_size: int, divergence: str,
-                beta: float | None, temperature: float) -> ChunkValueAndGrad:
+def _chunk_loss(teacher: TeacherDistribution, rows: Tensor, student_hidden: Tensor, vocab_size: int,
+                divergence: str, beta: float | None, temperature: float) -> ChunkValueAndGrad:
     """The per-chunk loss for the teacher's form (module docstring)."""
     dtype = compute_dtype(student_hidden)
     if isinstance(teacher, TeacherTopK):
         if divergence != "forward" or temperature != 1.0:
-            raise ValueError("fused_kd_loss: a TeacherTopK supports the forward KL only (divergence='forward', "
-                             "temperature=1); see forward_kl_topk")
+            raise ValueError("fused_kd_loss: a TeacherTopK supports the forward KL only "
+                             "(divergence='forward', temperature=1); see forward_kl_topk")
         return _topk_chunks(teacher, rows, student_hidden, vocab_size)
     if isinstance(teacher, TeacherLogprobs):
         teacher_rows = _logprobs_rows(teacher, rows, student_hidden, vocab_size, dtype)
@@ -273,12 +312,14 @@ def _chunk_loss(teacher: TeacherDistribution, rows: Tensor, student_hidden: Tens
         teacher_rows = _head_rows(teacher, rows, student_hidden, vocab_size, dtype)
     else:
         raise TypeError(
-            f"fused_kd_loss: teacher must be TeacherLogprobs, TeacherHead or TeacherTopK, got {type(teacher).__name__}"
+            "fused_kd_loss: teacher must be TeacherLogprobs, TeacherHead or TeacherTopK, "
+            f"got {type(teacher).__name__}"
         )
 
     def chunk_teacher_logprobs(start: int, end: int) -> Tensor:
         with torch.no_grad():
-            return scaled_teacher_logprobs(teacher_rows(start, end), temperature, dtype)  # (C, V) log p_T
+            # (C, V) log p_T
+            return scaled_teacher_logprobs(teacher_rows(start, end), temperature, dtype)
 
     if divergence == "forward":  # eq. 1, closed-form gradient (eq. 2 on the logits)
         return lambda logits, start, end, need_grad: _forward_kl_value_and_grad(
@@ -286,7 +327,8 @@ def _chunk_loss(teacher: TeacherDistribution, rows: Tensor, student_hidden: Tens
 
     def per_token_loss(logits: Tensor, start: int, end: int) -> Tensor:
         student = scaled_student_logprobs(logits, temperature)  # (C, V) log p_S^theta
-        return divergence_rows(student, chunk_teacher_logprobs(start, end), divergence, beta)  # (C,)
+        # (C,)
+        return divergence_rows(student, chunk_teacher_logprobs(start, end), divergence, beta)
 
     return _autograd_value_and_grad(per_token_loss)
 
@@ -305,7 +347,8 @@ def _logprobs_rows(teacher: TeacherLogprobs, rows: Tensor, student_hidden: Tenso
 
 def _head_rows(teacher: TeacherHead, rows: Tensor, student_hidden: Tensor, vocab_size: int,
                dtype: torch.dtype) -> Callable[[int, int], Tensor]:
-    """Response rows [start, end) of a TeacherHead: its logits formed for those rows alone, (C, V) log p_T."""
+    """Response rows [start, end) of a TeacherHead: its logits formed for those rows alone, (C, V)
+    log p_T."""
     teacher_hidden, teacher_weight = teacher.hidden.detach(), teacher.lm_head_weight.detach()
     if teacher_hidden.shape[:2] != student_hidden.shape[:2] or teacher_weight.shape != (
         vocab_size, teacher_hidden.shape[-1]
@@ -318,17 +361,21 @@ def _head_rows(teacher: TeacherHead, rows: Tensor, student_hidden: Tensor, vocab
     teacher_hidden_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # (B*T, H_T)
 
     def teacher_rows(start: int, end: int) -> Tensor:
-        teacher_logits = teacher_hidden_flat.index_select(0, rows[start:end]) @ teacher_weight.T  # (C, V)
+        # (C, V)
+        teacher_logits = teacher_hidden_flat.index_select(0, rows[start:end]) @ teacher_weight.T
         return torch.log_softmax(teacher_logits.to(dtype), dim=-1)  # (C, V) log p_T
 
     return teacher_rows
 
 
-def _topk_chunks(teacher: TeacherTopK, rows: Tensor, student_hidden: Tensor, vocab_size: int) -> ChunkValueAndGrad:
+def _topk_chunks(teacher: TeacherTopK, rows: Tensor, student_hidden: Tensor,
+                 vocab_size: int) -> ChunkValueAndGrad:
     """Top-k + tail forward KL per chunk, closed-form gradient."""
     _check_topk(student_hidden, teacher.ids, teacher.logprobs, "fused_kd_loss")
-    topk_ids = teacher.ids.reshape(-1, teacher.ids.shape[-1]).index_select(0, rows).long()  # (N, k) z_i
-    topk_logprobs = teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1]).index_select(0, rows)  # (N, k)
+    # (N, k) z_i
+    topk_ids = teacher.ids.reshape(-1, teacher.ids.shape[-1]).index_select(0, rows).long()
+    # (N, k)
+    topk_logprobs = teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1]).index_select(0, rows)
     _check_topk_rows(topk_ids, topk_logprobs, vocab_size, "fused_kd_loss")
     topk_logprobs = topk_logprobs.detach()
     return lambda logits, start, end, need_grad: _topk_forward_kl_value_and_grad(

@@ -16,21 +16,25 @@ from losses.kd import NEG_INF, _forward_kl_rows
 
 
 def _distinct_topk(topk_ids: Tensor, topk_logprobs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Sort the teacher's entries by id and mark the valid ones: (ids, log p_T(z_i), valid), each (N, k).
+    """Sort the teacher's entries by id and mark the valid ones: (ids, log p_T(z_i), valid), each
+    (N, k).
 
     An entry is valid when its log-prob is > -inf and its id did not occur before it (a repeated
     id keeps the entry with the largest log-prob). Invalid entries get log-prob -inf and are not
     buckets at all: a -inf padding entry does not take its id's student mass away from the tail,
     and a duplicated id is counted once.
     """
-    # sort by log-prob (descending), then stably by id: among equal ids the largest log-prob is first
+    # sort by log-prob (descending), then stably by id: among equal ids the largest log-prob is
+    # first
     by_logprob = torch.argsort(topk_logprobs, dim=-1, descending=True, stable=True)
     ids, teacher_logprobs = topk_ids.gather(-1, by_logprob), topk_logprobs.gather(-1, by_logprob)
     by_id = torch.argsort(ids, dim=-1, stable=True)
-    ids, teacher_logprobs = ids.gather(-1, by_id), teacher_logprobs.gather(-1, by_id)  # (N, k) ascending ids
+    # (N, k) ascending ids
+    ids, teacher_logprobs = ids.gather(-1, by_id), teacher_logprobs.gather(-1, by_id)
     repeated = torch.zeros_like(ids, dtype=torch.bool)
     repeated[:, 1:] = ids[:, 1:] == ids[:, :-1]
-    valid = (teacher_logprobs > NEG_INF) & ~repeated  # (N, k) the teacher's distinct reported tokens
+    # (N, k) the teacher's distinct reported tokens
+    valid = (teacher_logprobs > NEG_INF) & ~repeated
     return ids, torch.where(valid, teacher_logprobs, NEG_INF), valid
 
 
@@ -40,21 +44,29 @@ def _renormalised(logprobs: Tensor, valid: Tensor) -> Tensor:
     A row with no valid entry at all (its KL is 0) is filled with finite zeros before the
     softmax so that its values and gradients stay finite.
     """
-    filler = torch.zeros_like(logprobs[:, :1]).masked_fill(valid.any(-1, keepdim=True), NEG_INF)  # (N, 1)
-    return torch.where(valid, torch.log_softmax(torch.where(valid, logprobs, filler), dim=-1), NEG_INF)
+    # (N, 1)
+    filler = torch.zeros_like(logprobs[:, :1]).masked_fill(valid.any(-1, keepdim=True), NEG_INF)
+    return torch.where(
+        valid, torch.log_softmax(torch.where(valid, logprobs, filler), dim=-1), NEG_INF
+    )
 
 
 def _teacher_tail(teacher_logprobs: Tensor, tail_nonempty: Tensor) -> Tensor:
-    """log p_T^tail = log(1 - sum_i p_T(z_i)), -inf when the top-k mass reaches 1 or the tail is empty."""
+    """log p_T^tail = log(1 - sum_i p_T(z_i)), -inf when the top-k mass reaches 1 or the tail is
+    empty."""
     teacher_topk_mass = teacher_logprobs.exp().sum(-1)  # (N,) sum_i p_T(z_i)
-    return torch.where(tail_nonempty, torch.log1p(-teacher_topk_mass.clamp(max=1.0)), NEG_INF)  # (N,)
+    # (N,)
+    return torch.where(tail_nonempty, torch.log1p(-teacher_topk_mass.clamp(max=1.0)), NEG_INF)
 
 
 def _topk_membership(ids: Tensor, valid: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
-    """(in_topk (N, V) bool: z is one of the valid top-k ids, tail_nonempty (N,): some token is not)."""
-    tail_nonempty = valid.sum(-1) < vocab_size  # valid ids are distinct: False only if they cover the vocabulary
+    """(in_topk (N, V) bool: z is one of the valid top-k ids, tail_nonempty (N,): some token is
+    not)."""
+    # valid ids are distinct: False only if they cover the vocabulary
+    tail_nonempty = valid.sum(-1) < vocab_size
     in_topk = torch.zeros((ids.shape[0], vocab_size), dtype=torch.uint8, device=ids.device)
-    in_topk.scatter_reduce_(-1, ids, valid.to(torch.uint8), reduce="amax")  # (N, V), 1 where z is a top-k bucket
+    # (N, V), 1 where z is a top-k bucket
+    in_topk.scatter_reduce_(-1, ids, valid.to(torch.uint8), reduce="amax")
     return in_topk.view(torch.bool), tail_nonempty
 
 
@@ -68,18 +80,23 @@ def _topk_bucket_logprobs(
     Differentiable w.r.t. student_logits (this is the plain form's path; the fused form has a
     closed-form gradient of the same function, ``_topk_forward_kl_value_and_grad``).
     """
-    ids, teacher_logprobs, valid = _distinct_topk(topk_ids, topk_logprobs.detach().to(student_logits.dtype))
+    ids, teacher_logprobs, valid = _distinct_topk(
+        topk_ids, topk_logprobs.detach().to(student_logits.dtype)
+    )
     student_topk_logits = student_logits.gather(-1, ids)  # (N, k) student logits of z_i
     if not tail:
         return _renormalised(student_topk_logits, valid), _renormalised(teacher_logprobs, valid)
 
-    log_normaliser = torch.logsumexp(student_logits, dim=-1, keepdim=True)  # (N, 1) log sum_z exp(logit_z)
-    student_topk = torch.where(valid, student_topk_logits - log_normaliser, NEG_INF)  # (N, k) log p_S(z_i)
+    # (N, 1) log sum_z exp(logit_z)
+    log_normaliser = torch.logsumexp(student_logits, dim=-1, keepdim=True)
+    # (N, k) log p_S(z_i)
+    student_topk = torch.where(valid, student_topk_logits - log_normaliser, NEG_INF)
     in_topk, tail_nonempty = _topk_membership(ids, valid, student_logits.shape[-1])
     # The student's tail mass is summed over the tail tokens themselves: no 1 - sum cancellation.
     # Rows whose tail is empty mask nothing (a finite logsumexp, no NaN gradient) and get -inf.
     in_topk = in_topk & tail_nonempty[:, None]
-    tail_logits = student_logits.masked_fill(in_topk, NEG_INF)  # (N, V) logits of the tail tokens only
+    # (N, V) logits of the tail tokens only
+    tail_logits = student_logits.masked_fill(in_topk, NEG_INF)
     student_tail = torch.where(
         tail_nonempty, torch.logsumexp(tail_logits, dim=-1) - log_normaliser[:, 0], NEG_INF
     )  # (N,) log p_S^tail = log sum_{z in tail} p_S(z)
@@ -90,7 +107,11 @@ def _topk_bucket_logprobs(
 
 
 def _check_topk(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, fn: str) -> None:
-    if topk_ids.dim() != 3 or topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:2] != student_logits.shape[:2]:
+    if (
+        topk_ids.dim() != 3
+        or topk_ids.shape != topk_logprobs.shape
+        or topk_ids.shape[:2] != student_logits.shape[:2]
+    ):
         raise ValueError(
             f"{fn}: teacher_topk_ids {tuple(topk_ids.shape)} and teacher_topk_logprobs "
             f"{tuple(topk_logprobs.shape)} must both be [B, T, k] with B, T of the student "
@@ -105,11 +126,13 @@ def _check_topk_rows(topk_ids: Tensor, topk_logprobs: Tensor, vocab_size: int, f
     if smallest < 0 or largest >= vocab_size:
         raise ValueError(
             f"{fn}: teacher_topk_ids on response tokens must lie in [0, {vocab_size}) (the student "
-            f"vocabulary); got [{smallest}, {largest}]. Map the teacher's token ids to the student's, "
-            "and give padding entries a valid id with log-prob -inf"
+            f"vocabulary); got [{smallest}, {largest}]. Map the teacher's token ids to the "
+            "student's, and give padding entries a valid id with log-prob -inf"
         )
     if torch.isnan(topk_logprobs).any():
-        raise ValueError(f"{fn}: teacher_topk_logprobs hold NaN on response tokens; pad with -inf instead")
+        raise ValueError(
+            f"{fn}: teacher_topk_logprobs hold NaN on response tokens; pad with -inf instead"
+        )
 
 
 def forward_kl_topk(
@@ -126,7 +149,8 @@ def forward_kl_topk(
     With ``tail=True`` the vocabulary is split into k + 1 buckets: the teacher's k tokens z_i and
     one tail bucket holding every other token, with mass 1 - sum_i p(z_i) on each side:
 
-        loss = (1/N) sum_t [ sum_i p_T(z_i) log(p_T(z_i) / p_S(z_i)) + p_T^tail log(p_T^tail / p_S^tail) ]
+        loss = (1/N) sum_t [ sum_i p_T(z_i) log(p_T(z_i) / p_S(z_i))
+                             + p_T^tail log(p_T^tail / p_S^tail) ]
 
     Without the tail, a student could match the k teacher probabilities while putting its
     remaining mass anywhere. ``tail=False`` renormalises both sides over the k tokens instead.
@@ -142,10 +166,14 @@ def forward_kl_topk(
     check_reduction(reduction)
     _check_topk(student_logits, teacher_topk_ids, teacher_topk_logprobs, "forward_kl_topk")
     mask = check_mask(mask, student_logits.shape[:2], "student_logits")
-    topk_ids, topk_logprobs = teacher_topk_ids[mask].long(), teacher_topk_logprobs[mask]  # (N, k) z_i, log p_T(z_i)
+    # (N, k) z_i, log p_T(z_i)
+    topk_ids, topk_logprobs = teacher_topk_ids[mask].long(), teacher_topk_logprobs[mask]
     _check_topk_rows(topk_ids, topk_logprobs, student_logits.shape[-1], "forward_kl_topk")
     response_logits = student_logits[mask].to(compute_dtype(student_logits))  # (N, V)
     # (N, k + 1) log-probabilities of the buckets z_1..z_k, tail on each side
-    student_buckets, teacher_buckets = _topk_bucket_logprobs(response_logits, topk_ids, topk_logprobs, tail)
-    kl_per_token = _forward_kl_rows(student_buckets, teacher_buckets)  # (N,) KL over the buckets at each t
+    student_buckets, teacher_buckets = _topk_bucket_logprobs(
+        response_logits, topk_ids, topk_logprobs, tail
+    )
+    # (N,) KL over the buckets at each t
+    kl_per_token = _forward_kl_rows(student_buckets, teacher_buckets)
     return reduce_loss(kl_per_token.sum(), kl_per_token.numel(), reduction)

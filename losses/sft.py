@@ -7,14 +7,15 @@ excluded by ``mask``. Conventions (alignment, mask, reduction): see losses/__ini
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from losses import check_mask, check_reduction, compute_dtype, reduce_loss
 
 
-def masked_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor, *, reduction: str = "mean") -> Tensor:
+def masked_cross_entropy(
+    logits: Tensor, labels: Tensor, mask: Tensor, *, reduction: str = "mean"
+) -> Tensor:
     """Cross-entropy of ``labels`` under ``logits`` over the response tokens only.
 
     logits [B, T, V] (any float dtype; computed in float32, or float64 if given float64),
@@ -32,5 +33,6 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor, *, reduct
     mask = check_mask(mask, logits.shape[:2], "logits")
     response_logits = logits[mask].to(compute_dtype(logits))  # (N, V) logits at response positions
     response_labels = labels[mask]  # (N,) y_t
-    nll_sum = F.cross_entropy(response_logits, response_labels, reduction="sum")  # -sum_t log p(y_t | x, y_<t)
+    # -sum_t log p(y_t | x, y_<t)
+    nll_sum = F.cross_entropy(response_logits, response_labels, reduction="sum")
     return reduce_loss(nll_sum, response_labels.numel(), reduction)

@@ -264,14 +264,19 @@ class Demo:
         top-20 logprob API adapter, as a GPT-4o-style endpoint would be."""
         threads = getattr(self._local, "threads", None) or self.threads
         env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
+        folder.mkdir(parents=True, exist_ok=True)
+        server_log = open(folder / LOG_FILE, "a", encoding="utf-8") if self.jobs > 1 else None
         try:
             with serving(teacher, "--log-level", "WARNING", model_name="toy-teacher", python=self.python,
-                         env=env, start_timeout_s=SERVER_START_SECONDS) as (_, base_url):
+                         env=env, stderr=server_log, start_timeout_s=SERVER_START_SECONDS) as (_, base_url):
                 self.log(f"kd_top20: teacher served at {base_url}")
                 self.train("kd", folder, start, self.corpus / "kd.jsonl", 'kd.teacher="openai:toy-teacher"',
                            f'kd.base_url="{base_url}"', "kd.top_k=20", 'kd.api_key_env=""')
         except ServerStartError as error:
             raise DemoError(str(error)) from None
+        finally:
+            if server_log is not None:
+                server_log.close()
 
     def preferences(self, folder: Path, start: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Checkpoints (atomic: written under a temporary name, then renamed) hold the trainable weights
 (safetensors), the optimizer state (loaded with weights_only=True), the step, the data
-position, every rank's RNG state and the resolved config; `latest` names the newest. A run
+position, every rank's RNG state and the run's config (as given); `latest` names the newest. A run
 whose out_dir has `latest` resumes from it and continues with the same losses.
 
 Damaged checkpoints. Each step directory also holds `manifest.json` (size and SHA-256 of every

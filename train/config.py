@@ -18,7 +18,8 @@ What depends on the machine (does `run.device` exist, can `run.out_dir` be writt
 `model.checkpoint` exist) is checked by the recipe at start (train/recipe.py), so a config
 stays loadable anywhere. A UTF-8 byte-order mark at the start of a file is ignored.
 
-The resolved config is saved beside every checkpoint as `config.json`. Secrets never live in a
+The config (file + overrides, as given) is saved beside every checkpoint as `config.json`; a run
+length set by `optim.epochs` is computed at start (train/loop.py `total_steps`), not written back. Secrets never live in a
 config: API keys are named by the environment variable that holds them (`kd.api_key_env`).
 """
 from __future__ import annotations

@@ -101,3 +101,15 @@ def test_a_solo_stage_runs_alone_with_every_core(tmp_path):
     for name in others:  # nothing overlapped it
         assert r.time("end", name) <= r.time("start", "solo") or r.time("start", name) >= r.time("end", "solo")
     assert seen == {"first": 3, "solo": 6, "later": 3, "after_solo": 3}
+
+
+def test_every_evaluated_checkpoint_is_one_the_demo_names(tmp_path):
+    """EVALUATED (which stage makes each checkpoint) and Demo.checkpoints() (where it lies) list the
+    same names: a name in one only would be evaluated nowhere, silently."""
+    from toy.demo import EVALUATED
+
+    demo = make_demo(tmp_path, jobs=1)
+    assert list(EVALUATED) == list(demo.checkpoints())
+    plan = demo.plan()
+    assert {s.name for s in plan} >= {f"eval_{name}" for name in EVALUATED}
+    assert all(made_by in {s.name for s in plan} for made_by in EVALUATED.values() if made_by)
