@@ -83,8 +83,7 @@ class EncoderOutputCache:
     def record_usage(self, who: str) -> None:
         """Append this object's counts, under the name `who`, to `{directory}/usage.jsonl`."""
         line = json.dumps({"who": who, "hits": self.hits, "misses": self.misses, "hit_frames": self.hit_frames,
-                           "miss_frames": self.miss_frames, "encode_seconds": round(self.encode_seconds, 3),
-                           "saved_seconds": round(self.saved_seconds(), 3)}) + "\n"
+                           "miss_frames": self.miss_frames, "encode_seconds": round(self.encode_seconds, 3)}) + "\n"
         fd = os.open(self.store.directory / USAGE_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line.encode())

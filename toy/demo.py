@@ -50,6 +50,7 @@ few steps per stage: it checks that the pipeline runs, not the claims; its repor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -188,22 +189,32 @@ class Demo:
         if pending:  # a bug in the plan: a stage waits for one that does not exist
             raise RuntimeError(f"stages never started: {[s.name for s in pending]}")
 
+    def thread_env(self) -> dict[str, str]:
+        """OMP/MKL thread counts for this stage's processes (empty: torch's default)."""
+        threads = getattr(self._local, "threads", None) or self.threads
+        return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+
+    @contextlib.contextmanager
+    def stage_log(self, folder: Path):
+        """folder/log.txt opened for appending when several stages run at once; else None (the terminal)."""
+        if self.jobs == 1:
+            yield None
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / LOG_FILE, "a", encoding="utf-8") as log:
+            yield log
+
     def call(self, folder: Path, module: str, *args: str) -> None:
-        """`python -m module args` from the repository root, with `self.threads` torch threads;
+        """`python -m module args` from the repository root, with this stage's torch threads;
         with several jobs its output is appended to folder/log.txt."""
         command = [self.python, "-m", module, *args]
-        env = dict(os.environ)
-        threads = getattr(self._local, "threads", None) or self.threads
-        if threads:
-            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        if self.jobs == 1:
-            result = subprocess.run(command, cwd=ROOT, env=env)
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(folder / LOG_FILE, "a", encoding="utf-8") as log:
+        env = {**os.environ, **self.thread_env()}
+        with self.stage_log(folder) as log:
+            if log is not None:
                 log.write(f"$ {' '.join(command)}\n")
                 log.flush()
-                result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            result = subprocess.run(command, cwd=ROOT, env=env, stdout=log,
+                                    stderr=None if log is None else subprocess.STDOUT)
         if result.returncode != 0:
             raise DemoError(f"`{' '.join(command)}` failed with exit status {result.returncode}"
                             f"{_log_tail(folder / LOG_FILE) if self.jobs > 1 else ''}; fix the cause "
@@ -262,21 +273,15 @@ class Demo:
     def kd_through_server(self, folder: Path, start: Path, teacher: Path) -> None:
         """KD with the teacher served by rollout.server (loopback, any free port) and read through the
         top-20 logprob API adapter, as a GPT-4o-style endpoint would be."""
-        threads = getattr(self._local, "threads", None) or self.threads
-        env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else None
-        folder.mkdir(parents=True, exist_ok=True)
-        server_log = open(folder / LOG_FILE, "a", encoding="utf-8") if self.jobs > 1 else None
         try:
-            with serving(teacher, "--log-level", "WARNING", model_name="toy-teacher", python=self.python,
-                         env=env, stderr=server_log, start_timeout_s=SERVER_START_SECONDS) as (_, base_url):
+            with self.stage_log(folder) as log, serving(
+                    teacher, "--log-level", "WARNING", model_name="toy-teacher", python=self.python,
+                    env=self.thread_env(), stderr=log, start_timeout_s=SERVER_START_SECONDS) as (_, base_url):
                 self.log(f"kd_top20: teacher served at {base_url}")
                 self.train("kd", folder, start, self.corpus / "kd.jsonl", 'kd.teacher="openai:toy-teacher"',
                            f'kd.base_url="{base_url}"', "kd.top_k=20", 'kd.api_key_env=""')
         except ServerStartError as error:
             raise DemoError(str(error)) from None
-        finally:
-            if server_log is not None:
-                server_log.close()
 
     def preferences(self, folder: Path, start: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
