@@ -12,7 +12,11 @@ in `model.safetensors.index.json`. Two key layouts are read:
   `linear_out`, projector `audio_projection.speech.0` / `.2`.
 
 The speech LoRA of the original layout is merged as W + (alpha / r) B A when
-`merge_speech_lora=True`, or kept as separate LoRALinear adapters otherwise. Vision weights
+`merge_speech_lora=True`, or kept as separate LoRALinear adapters otherwise. A native checkpoint
+made by transformers' converter has no LoRA in its weights; its speech adapter is the
+`speech-lora/` folder beside them, read and merged (or kept) the same way, and its `<|end|>`
+stop id comes from generation_config.json (model/native_extras.py). Without that folder the
+loader warns in one line: such a model has lost its speech adapter. Vision weights
 (the image tower, the vision LoRA, the vision-speech projector) are skipped by design: this
 project is speech-only. Every other key must map onto the model: a missing, unexpected or
 mis-shaped tensor is an error naming the key and its file. Weights are read with safetensors
@@ -21,16 +25,14 @@ download, a header length past the end of the file, not safetensors at all) is a
 naming the file, comparing the size its header promises with the size on disk, and saying to
 re-download or re-export it; safetensors' own error is kept only as a last resort detail.
 
-`save_pretrained` writes the transformers-native layout (so transformers can read the
-weights) with a config.json that also carries this project's exact config under "speechsum",
-into a temporary directory that then replaces the target whole.
+Writing checkpoints is model/checkpoint_save.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
+import logging
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +41,10 @@ from safetensors import SafetensorError, safe_open
 
 from .config import SpeechLMConfig, from_hf_config
 from .lora import apply_lora, lora_modules
-from .safeio import atomic_save_safetensors, atomic_write_text
+from .native_extras import SPEECH_LORA_DIR, NativeExtrasError, generation_eos_ids, speech_lora_tensors
 from .speech_lm import SpeechLM
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers
@@ -190,19 +194,32 @@ def safetensors_damage(file: Path, err: Exception) -> str:
 
 
 def read_config(path: Path) -> SpeechLMConfig:
+    """The model config of a checkpoint directory (config.json, plus generation_config.json's stop ids)."""
+    return _config_from_raw(path, _read_raw_config(path))
+
+
+def _read_raw_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory; pass a checkpoint directory with config.json")
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: not found; a checkpoint directory needs config.json")
     try:
-        raw = json.loads(config_file.read_text())
+        return json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file}, line {err.lineno}: invalid JSON ({err.msg})") from None
+
+
+def _config_from_raw(path: Path, raw: dict) -> SpeechLMConfig:
     try:
-        return SpeechLMConfig.from_dict(raw["speechsum"]) if "speechsum" in raw else from_hf_config(raw)
+        if "speechsum" in raw:  # written by save_pretrained: exact, stop ids included
+            return SpeechLMConfig.from_dict(raw["speechsum"])
+        config = from_hf_config(raw)
+        extra_eos = generation_eos_ids(path)
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{config_file}: cannot read the model config ({err})") from None
+        raise CheckpointError(f"{path / 'config.json'}: cannot read the model config ({err})") from None
+    eos = tuple(dict.fromkeys((*config.decoder.eos_token_ids, *extra_eos)))
+    return dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, eos_token_ids=eos))
 
 
 def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, merge_speech_lora: bool = True) -> SpeechLM:
@@ -211,7 +228,8 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, merg
     dtype: None keeps the checkpoint's floating dtype. device: where the weights end up.
     """
     path = Path(path)
-    config = read_config(path)
+    raw = _read_raw_config(path)
+    config = _config_from_raw(path, raw)
     with torch.device("meta"):
         model = SpeechLM(config)
     expected = {k: v for k, v in model.state_dict().items()}
@@ -259,6 +277,9 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, merg
     if dtype is None:
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
+    if not lora and _is_converted_native(raw):
+        lora, config = _native_speech_lora(path, config)
+        model.config = config
     lora_weights = _speech_lora_deltas(config, lora, path) if lora else {}
     if merge_speech_lora:
         for module, (lora_a, lora_b, scale) in lora_weights.items():
@@ -272,6 +293,29 @@ def load_pretrained(path, *, dtype: torch.dtype | None = None, device=None, merg
     if lora_weights and not merge_speech_lora:
         _attach_speech_lora(model, lora_weights, dtype)
     return model.to(device) if device is not None else model
+
+
+def _is_converted_native(raw: dict) -> bool:
+    """A transformers-native checkpoint written by transformers' converter (not by save_pretrained)."""
+    return "speechsum" not in raw and raw.get("model_type") != "phi4mm" and "embd_layer" not in raw
+
+
+def _native_speech_lora(path: Path, config: SpeechLMConfig) -> tuple[dict, SpeechLMConfig]:
+    """The speech LoRA of a converted native checkpoint, read from its speech-lora/ folder
+    (model/native_extras.py), and the config with its rank and alpha; ({}, config) without one."""
+    try:
+        found = speech_lora_tensors(path)
+    except NativeExtrasError as err:
+        raise CheckpointError(str(err)) from None
+    if found is None:
+        if config.encoder is not None:
+            logger.warning("%s: transformers-native checkpoint without its speech LoRA (no %s/ folder beside "
+                           "config.json): the decoder was never tuned to this audio encoder; copy %s/ from the "
+                           "converted checkpoint to hear as Phi-4-multimodal does", path, SPEECH_LORA_DIR,
+                           SPEECH_LORA_DIR)
+        return {}, config
+    lora, scale, rank = found
+    return lora, dataclasses.replace(config, speech_lora_rank=rank, speech_lora_alpha=scale * rank)
 
 
 def _speech_lora_deltas(config: SpeechLMConfig, lora: dict, path: Path) -> dict:
@@ -302,119 +346,3 @@ def _attach_speech_lora(model: SpeechLM, lora_weights: dict, dtype: torch.dtype)
             lora_a, lora_b, _ = lora_weights[module]
             adapters[name].lora_a.copy_(lora_a.to(dtype))
             adapters[name].lora_b.copy_(lora_b.to(dtype))
-
-
-# ---------------------------------------------------------------------------------------------
-# saving
-
-VISION_PLACEHOLDER = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                      "image_size": 28, "crop_size": 28, "patch_size": 14}
-
-
-def native_config(config: SpeechLMConfig) -> dict:
-    """A transformers-native config.json for `config`, plus our exact config under "speechsum"."""
-    dec = config.decoder
-    rope: dict = {"rope_type": dec.rope_type, "rope_theta": dec.rope_theta,
-                  "partial_rotary_factor": dec.partial_rotary_factor}
-    if dec.rope_type == "longrope":
-        rope.update(short_factor=dec.short_factor, long_factor=dec.long_factor)
-        if dec.rope_attention_factor is not None:
-            rope["attention_factor"] = dec.rope_attention_factor
-    out = {
-        "model_type": "phi4_multimodal",
-        "architectures": ["Phi4MultimodalForCausalLM"],
-        "vocab_size": dec.vocab_size,
-        "hidden_size": dec.hidden_size,
-        "intermediate_size": dec.intermediate_size,
-        "num_hidden_layers": dec.num_layers,
-        "num_attention_heads": dec.num_heads,
-        "num_key_value_heads": dec.num_kv_heads,
-        "rms_norm_eps": dec.rms_norm_eps,
-        "max_position_embeddings": dec.max_position_embeddings,
-        "original_max_position_embeddings": dec.original_max_position_embeddings,
-        "rope_parameters": rope,
-        # transformers 4.x reads these instead (without them it takes no LongRoPE and a full rotary
-        # dimension, and its logits drift by ~0.5); 5.x reads rope_parameters and ignores them
-        "rope_theta": dec.rope_theta,
-        "partial_rotary_factor": dec.partial_rotary_factor,
-        "rope_scaling": ({"type": "longrope", "short_factor": dec.short_factor, "long_factor": dec.long_factor}
-                         if dec.rope_type == "longrope" else None),
-        "tie_word_embeddings": dec.tie_word_embeddings,
-        "bos_token_id": dec.bos_token_id,
-        "eos_token_id": list(dec.eos_token_ids),
-        "pad_token_id": dec.pad_token_id,
-        "speechsum": config.to_dict(),
-        # this project keeps no vision tower; transformers 4.57 cannot even print a config without
-        # one, so a one-layer placeholder (random weights wherever it is built) stands in
-        "vision_config": dict(VISION_PLACEHOLDER),
-    }
-    if config.encoder is not None:
-        enc = config.encoder
-        out["audio_config"] = {
-            "hidden_size": enc.hidden_size, "intermediate_size": enc.intermediate_size,
-            "num_blocks": enc.num_blocks, "num_attention_heads": enc.num_heads, "input_size": enc.input_size,
-            "kernel_size": enc.kernel_size, "nemo_conv_channels": enc.nemo_conv_channels,
-            "time_reduction": enc.time_reduction, "bias_max_distance": enc.bias_max_distance,
-            "bias_symmetric": enc.bias_symmetric, "ext_pw_out_channel": enc.ext_pw_out_channel,
-            "depthwise_separable_out_channel": enc.depthwise_separable_out_channel,
-            "depthwise_multiplier": enc.depthwise_multiplier, "chunk_size": enc.chunk_size,
-            "left_chunk": enc.left_chunk, "downsample_rate": enc.downsample_rate,
-            "audio_token_id": config.audio_token_id,
-        }
-    return out
-
-
-def save_pretrained(model: SpeechLM, path, *, max_shard_bytes: int = 5 * 1024**3) -> None:
-    """Write config.json and native-layout safetensors (sharded above `max_shard_bytes`)."""
-    if lora_modules(model):
-        raise ValueError("save_pretrained: the model has LoRA adapters; fold them in with "
-                         "model.lora.merge_and_remove_lora(model) or save them with model.lora.save_adapter")
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _write_weights(model, tmp, max_shard_bytes)
-    atomic_write_text(tmp / "config.json", json.dumps(native_config(model.config), indent=1))
-    # keep what else the directory holds (a tokenizer, notes); the weights and config are replaced
-    if path.is_dir():
-        for item in path.iterdir():
-            if not _owned_by_save(item.name):
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-    # swap directories: a crash leaves either the old checkpoint or the new one, never a mix
-    old = path.with_name(f".old-{path.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _owned_by_save(name: str) -> bool:
-    return name.endswith(".safetensors") or name in (INDEX_FILE, "config.json")
-
-
-def _write_weights(model: SpeechLM, path: Path, max_shard_bytes: int) -> None:
-    state = model.state_dict()
-    if model.config.decoder.tie_word_embeddings:
-        state.pop("decoder.lm_head.weight")
-    tensors = {ours_to_native(k): v for k, v in state.items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        atomic_save_safetensors(shards[0], path / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            atomic_save_safetensors(shard, path / name, metadata={"format": "pt"})
-            weight_map.update({key: name for key in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        atomic_write_text(path / INDEX_FILE, json.dumps({"metadata": {"total_size": total},
-                                                         "weight_map": weight_map}, indent=1))

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from model.checkpoint import native_config, read_config
+from model.checkpoint import read_config
+from model.checkpoint_save import native_config
 from model.config import DecoderConfig, SpeechLMConfig, from_hf_config, phi4mm, toy
 from tests.model.hf_tiny import original_config, tiny_config
 
