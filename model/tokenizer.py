@@ -296,7 +296,8 @@ class HFTokenizer(_ChatTemplate):
     `path` is the file or a directory holding it (e.g. the Phi-4-multimodal-instruct checkpoint).
     Special ids are looked up among the file's added tokens. `vocab_size` counts the tokenizer's
     tokens (added ones included); the model's embedding table may be larger. pad and bos are
-    `<|endoftext|>`, as in Phi-4MM's config.json.
+    `<|endoftext|>`, as in Phi-4MM's config.json (None when `special_tokens` leaves it out: a KD
+    teacher's tokenizer read for its text only, rollout/teachers.py).
     """
 
     def __init__(self, path: str | Path, special_tokens: Mapping[str, str] = SPECIAL_TOKENS):
@@ -332,8 +333,8 @@ class HFTokenizer(_ChatTemplate):
                 )
             self.special_ids[name] = added[token]
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        self.bos_token_id = self.special_ids["endoftext"]
-        self.pad_token_id = self.special_ids["endoftext"]
+        self.bos_token_id = self.special_ids.get("endoftext")
+        self.pad_token_id = self.special_ids.get("endoftext")
         self._special_id_set = set(self.special_ids.values())
 
     def encode(self, text: str) -> list[int]:
@@ -346,15 +347,21 @@ class HFTokenizer(_ChatTemplate):
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A `.model` file -> SentencePiece; a `.json` file or a directory with tokenizer.json -> HF."""
+def load_tokenizer(path: str | Path, special_tokens: Mapping[str, str] = SPECIAL_TOKENS) -> Tokenizer:
+    """A `.model` file -> SentencePiece; a `.json` file or a directory with tokenizer.json -> HF.
+
+    `special_tokens` are the tokens the file must have (name -> text); the default is the Phi-4MM
+    chat's. `{}` reads a tokenizer with other special tokens for its ordinary text alone (a KD
+    teacher with its own chat template: rollout/teachers.py `load_teacher_tokenizer`); its chat
+    builder (`build_chat_prompt`) then cannot be used.
+    """
     path = Path(path)
     if path.suffix == ".model":
-        return SentencePieceTokenizer(path)
+        return SentencePieceTokenizer(path, special_tokens)
     if path.suffix == ".json" or (path.is_dir() and (path / "tokenizer.json").is_file()):
-        return HFTokenizer(path)
+        return HFTokenizer(path, special_tokens)
     if path.is_dir() and (path / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(path / "tokenizer.model")
+        return SentencePieceTokenizer(path / "tokenizer.model", special_tokens)
     raise FileNotFoundError(
         f"no tokenizer at {path}: expected a SentencePiece .model file, a tokenizer.json, "
         "or a directory containing tokenizer.json or tokenizer.model"

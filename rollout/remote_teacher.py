@@ -13,13 +13,21 @@ vocabularies must match; Phi-4-mini and GPT-4o share the o200k-based vocabulary)
   token_id (string) -> {"logprob", "rank", "decoded_token"} holding the top k *and* the token
   actually at that position. vLLM caps k by its `--max-logprobs` (default 20).
 * mode "echo" (legacy OpenAI completions): {"prompt": ids, "echo": true, "logprobs": k,
-  "max_tokens": 0}; the answer is `choices[0].logprobs` with `tokens`, `token_logprobs`,
-  `top_logprobs` (dicts token *string* -> logprob) and `text_offset`, first entry null.
-  Tokens are mapped back to ids, in this order of preference: the non-standard `token_ids` /
-  `top_logprobs_by_id` fields that `rollout.server` adds; vLLM's "token_id:N" strings
-  (`--return-tokens-as-token-ids`); else an exact match of the string against
-  `tokenizer.decode([id])` for every id (needs `tokenizer=`; a string two ids decode to is an
-  error, since the legacy format cannot tell them apart).
+  "max_tokens": 0, "return_tokens_as_token_ids": true}; the answer is `choices[0].logprobs` with
+  `tokens`, `token_logprobs`, `top_logprobs` (dicts token *string* -> logprob) and `text_offset`,
+  first entry null. Token strings are ambiguous (several ids can decode to the same text, and a
+  JSON object cannot hold two equal keys), so the request asks vLLM to write every token, in
+  `tokens` and as `top_logprobs` keys, as "token_id:N" instead; other servers ignore the field.
+  How tokens become ids is decided per response, in this order: the non-standard `token_ids` /
+  `top_logprobs_by_id` fields that `rollout.server` adds; else, when any echoed token is a
+  "token_id:N" string (the field was honoured, or vLLM runs with `--return-tokens-as-token-ids`),
+  every token and key at the scored positions must be one, read as the id N; else (plain strings
+  from a server that ignored the field) an exact match of the string against
+  `tokenizer.decode([id])` for every id (needs `tokenizer=`; an alternative that two ids decode
+  to is an error, since the strings cannot tell them apart). A server that refuses the field
+  (HTTP 400/422 naming `return_tokens_as_token_ids`) is asked once more without it, and the
+  teacher leaves it out of every later request for its lifetime; a server started with vLLM's
+  `--return-tokens-as-token-ids` still answers with ids then.
 
 Every response is checked against the ids that were sent: number of positions, the token at each
 response position (by id, or by exact string), at least k alternatives per position. Any
@@ -33,6 +41,7 @@ calls), usage and bounded concurrency come from `rollout.api_client.ApiClient`.
 from __future__ import annotations
 
 import base64
+import logging
 import math
 from typing import Any
 
@@ -42,7 +51,14 @@ from torch import Tensor
 
 from .api_client import ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError
 from .scoring import NEG_INF, TokenIds
-from .teachers import DEFAULT_TOP_K, TEACHER_TEMPLATE, TopKLogprobs, _check_pairs, teacher_prompt_ids
+from .teachers import (DEFAULT_TOP_K, TEACHER_TEMPLATE, TeacherChatTemplate, TopKLogprobs, _check_pairs,
+                       teacher_prompt_ids)
+
+logger = logging.getLogger(__name__)
+
+# vLLM's request field that writes echoed tokens and top_logprobs keys as "token_id:N" (echo mode)
+TOKEN_IDS_FIELD = "return_tokens_as_token_ids"
+TOKEN_ID_PREFIX = "token_id:"
 
 CHAT_ONLY_EXPLANATION = (
     "Token-level distillation on the student's tokens needs the log-probabilities of a *supplied* token "
@@ -68,15 +84,17 @@ class OpenAICompatibleTeacher:
     """A remote teacher over /v1/completions (see the module docstring for what endpoints work).
 
     `model` is the name the server serves; `top_k` the alternatives per position (vLLM allows up
-    to its --max-logprobs, 20 by default); `tokenizer` builds prompts and, in echo mode, maps token
-    strings to ids. `api_key_env` is the *name* of the environment variable holding the key
-    (None for a server without auth). Other keyword arguments go to ApiClient (cache_dir,
-    max_concurrency, timeout_s, retry, seed, sleep).
+    to its --max-logprobs, 20 by default); `tokenizer` builds prompts and, in echo mode, maps plain
+    token strings to ids (an answer in "token_id:N" form needs none). `api_key_env` is the *name*
+    of the environment variable holding the key (None for a server without auth). Other keyword
+    arguments go to ApiClient (cache_dir, max_concurrency, timeout_s, retry, seed, sleep).
+    `ask_token_ids` says whether echo requests still carry `return_tokens_as_token_ids`.
     """
 
     def __init__(self, base_url: str, model: str, top_k: int = DEFAULT_TOP_K, *, tokenizer=None,
                  mode: str = "prompt_logprobs", api_key_env: str | None = "OPENAI_API_KEY",
-                 template: str = TEACHER_TEMPLATE, **client_options: Any):
+                 template: str = TEACHER_TEMPLATE, chat_template: str | TeacherChatTemplate = "",
+                 **client_options: Any):
         if mode not in ("prompt_logprobs", "echo"):
             raise ValueError(f"OpenAICompatibleTeacher: mode must be 'prompt_logprobs' (vLLM) or 'echo' "
                              f"(legacy completions), got {mode!r}")
@@ -87,8 +105,12 @@ class OpenAICompatibleTeacher:
         self.tokenizer = tokenizer
         self.mode = mode
         self.template = template
+        # the teacher's chat format around the user turn (rollout.teachers.TeacherChatTemplate; "" = Phi-4's)
+        self.chat_template = TeacherChatTemplate.parse(chat_template)
         self.client = ApiClient(base_url, api_key_env=api_key_env, **client_options)
         self._strings: dict[str, list[int]] | None = None
+        # echo mode: whether requests carry TOKEN_IDS_FIELD; False for good once a server refuses it
+        self.ask_token_ids = mode == "echo"
 
     def __repr__(self) -> str:
         return (f"OpenAICompatibleTeacher(model={self.model!r}, top_k={self.top_k}, mode={self.mode!r}, "
@@ -107,20 +129,17 @@ class OpenAICompatibleTeacher:
         if self.tokenizer is None:
             raise ValueError("OpenAICompatibleTeacher.prompt needs tokenizer= (the teacher's tokenizer, whose "
                              "vocabulary must match the student's)")
-        return teacher_prompt_ids(self.tokenizer, transcript, instruction, template=self.template)
+        # checked here, not in __init__: a tokenizer given only to read echo answers need not build prompts
+        problem = self.chat_template.tokenizer_problem(self.tokenizer)
+        if problem:
+            raise ValueError(f"OpenAICompatibleTeacher.prompt: {problem}")
+        return teacher_prompt_ids(self.tokenizer, transcript, instruction, template=self.template,
+                                  chat_template=self.chat_template)
 
     def score(self, prompts: TokenIds, responses: TokenIds) -> TopKLogprobs:
         prompts, responses = _check_pairs(prompts, responses)
         scored = [b for b, response in enumerate(responses) if response]
-        requests = [self._request(prompts[b], responses[b]) for b in scored]
-        try:
-            values = self.client.map(requests)
-        except EndpointError as error:
-            if _looks_chat_only(error):
-                raise ScoringUnsupportedError(
-                    f"{error.endpoint} refused the scoring request (HTTP {error.status_code}: "
-                    f"{error.server_message}). {CHAT_ONLY_EXPLANATION}") from None
-            raise
+        values = self._fetch([prompts[b] for b in scored], [responses[b] for b in scored])
         steps, k = max((len(r) for r in responses), default=0), self.top_k
         out = TopKLogprobs(
             ids=torch.zeros(len(responses), steps, k, dtype=torch.long),
@@ -135,6 +154,28 @@ class OpenAICompatibleTeacher:
 
     # -----------------------------------------------------------------------------------------
 
+    def _fetch(self, prompts: list[list[int]], responses: list[list[int]]) -> list[dict]:
+        """The packed scores of each (prompt, response) pair. In echo mode a server that refuses
+        TOKEN_IDS_FIELD (a 400/422 naming it) is asked once more without it, and never again with it:
+        the loop runs at most twice, since `ask_token_ids` only ever goes from True to False."""
+        while True:
+            asked = self.ask_token_ids
+            try:
+                return self.client.map([self._request(p, r) for p, r in zip(prompts, responses)])
+            except EndpointError as error:
+                if asked and _refuses(error, TOKEN_IDS_FIELD):
+                    self.ask_token_ids = False
+                    logger.warning("%s refused %s (HTTP %d: %s); asking again without it, for this teacher's "
+                                   "lifetime: echoed tokens come back as strings and are matched through the "
+                                   "tokenizer", error.endpoint, TOKEN_IDS_FIELD, error.status_code,
+                                   error.server_message)
+                    continue
+                if _looks_chat_only(error):
+                    raise ScoringUnsupportedError(
+                        f"{error.endpoint} refused the scoring request (HTTP {error.status_code}: "
+                        f"{error.server_message}). {CHAT_ONLY_EXPLANATION}") from None
+                raise
+
     def _request(self, prompt: list[int], response: list[int]) -> ApiRequest:
         sequence, k = prompt + response, self.top_k
         where = f"{self.client.config()['base_url']}/completions (model {self.model!r})"
@@ -147,6 +188,8 @@ class OpenAICompatibleTeacher:
         else:
             params = {"model": self.model, "prompt": sequence, "max_tokens": 0, "echo": True, "logprobs": k,
                       "temperature": 0.0}
+            if self.ask_token_ids:
+                params["extra_body"] = {TOKEN_IDS_FIELD: True}
 
             def extract(body):
                 return pack_scores(parse_echo_logprobs(body, sequence, len(prompt), k, where, self._string_ids))
@@ -154,11 +197,12 @@ class OpenAICompatibleTeacher:
         return ApiRequest("completions", params, extract, cache_tag=tag)
 
     def _string_ids(self, token: str) -> list[int]:
-        """Ids whose decoded text is exactly `token` (for echo answers without ids)."""
+        """Ids whose decoded text is exactly `token` (for echo answers in plain strings)."""
         if self.tokenizer is None:
             raise TeacherAlignmentError(
-                "the server returned token strings without ids; pass tokenizer= so they can be matched exactly, "
-                "or use mode='prompt_logprobs' (vLLM), or start vLLM with --return-tokens-as-token-ids")
+                f"the server returned token strings without ids (it ignored or refused {TOKEN_IDS_FIELD}); pass "
+                "tokenizer= so they can be matched exactly, or use mode='prompt_logprobs' (vLLM), or start vLLM "
+                "with --return-tokens-as-token-ids")
         if self._strings is None:
             strings: dict[str, list[int]] = {}
             for token_id in range(self.tokenizer.vocab_size):
@@ -173,12 +217,18 @@ def _looks_chat_only(error: EndpointError) -> bool:
     is not: it stays an EndpointError with the server's message."""
     if error.status_code in (404, 405, 501):
         return True
+    return "chat model" in error.server_message.lower() or _refuses(error, "echo", "logprobs")
+
+
+def _refuses(error: EndpointError, *fields: str) -> bool:
+    """A 400/422 whose message refuses a request field (unknown, unsupported, extra input: the words
+    of OpenAI, vLLM and pydantic) and names one of `fields`."""
     if error.status_code not in (400, 422):
         return False
     message = error.server_message.lower()
     refused = any(word in message for word in ("unrecognized", "unsupported", "not supported", "unknown",
                                                 "extra inputs", "extra_forbidden", "not permitted"))
-    return "chat model" in message or (refused and ("echo" in message or "logprobs" in message))
+    return refused and any(field in message for field in fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +325,11 @@ def parse_prompt_logprobs(body: dict, sequence: list[int], prompt_length: int, k
 
 def parse_echo_logprobs(body: dict, sequence: list[int], prompt_length: int, k: int, where: str,
                         string_ids) -> dict:
-    """A legacy `echo` + `logprobs` answer -> top-k of the response positions, checked against `sequence`."""
+    """A legacy `echo` + `logprobs` answer -> top-k of the response positions, checked against `sequence`.
+
+    Which form the ids are read from is decided for the whole response (see the module docstring):
+    rollout.server's id fields; else "token_id:N" strings when any echoed token is one; else plain
+    strings, matched through `string_ids` (token string -> the ids that decode to it)."""
     choice = _first_choice(body, where)
     block = choice.get("logprobs")
     if not isinstance(block, dict) or not isinstance(block.get("tokens"), list):
@@ -289,11 +343,17 @@ def parse_echo_logprobs(body: dict, sequence: list[int], prompt_length: int, k: 
         raise TeacherAlignmentError(
             f"{where}: the echo covers {len(tokens)} tokens but {len(sequence)} were sent (or token_logprobs / "
             "top_logprobs are missing or shorter); the server re-tokenized the prompt or did not echo it")
+    if isinstance(token_ids, list) and isinstance(tops_by_id, list):
+        form = "id fields"
+    elif any(isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX) for token in tokens):
+        form = "token_id strings"
+    else:
+        form = "plain strings"
     ids, logprobs, token_logprobs = [], [], []
     for position in range(prompt_length, len(sequence)):
         here = f"{where}, logprobs position {position}"
         actual = sequence[position]
-        if isinstance(token_ids, list) and isinstance(tops_by_id, list):
+        if form == "id fields":
             if token_ids[position] != actual:
                 raise TeacherAlignmentError(f"{here}: token_ids has {token_ids[position]}, but {actual} was sent")
             entry = tops_by_id[position]
@@ -304,13 +364,17 @@ def parse_echo_logprobs(body: dict, sequence: list[int], prompt_length: int, k: 
             entry = tops[position]
             if not isinstance(entry, dict):
                 raise TeacherAlignmentError(f"{here}: top_logprobs entry is {str(entry)[:100]}")
-            echoed = _token_id(tokens[position], here, string_ids, expected=actual)
+            if form == "token_id strings":
+                echoed = parse_token_id(tokens[position], f"{here}, tokens")
+                candidates = {parse_token_id(token, f"{here}, top_logprobs"): _logprob(value, here)
+                              for token, value in entry.items()}
+            else:
+                echoed = _match_token_string(tokens[position], here, string_ids, expected=actual)
+                candidates = {_match_token_string(token, here, string_ids): _logprob(value, here)
+                              for token, value in entry.items()}
             if echoed != actual:
                 raise TeacherAlignmentError(f"{here}: the server echoed {tokens[position]!r} (id {echoed}) where "
                                             f"{actual} was sent")
-            candidates = {}
-            for token, value in entry.items():
-                candidates[_token_id(token, here, string_ids)] = _logprob(value, here)
         top_ids, top_logprobs = _top_k(candidates, k, here)
         ids.append(top_ids)
         logprobs.append(top_logprobs)
@@ -318,15 +382,21 @@ def parse_echo_logprobs(body: dict, sequence: list[int], prompt_length: int, k: 
     return {"ids": ids, "logprobs": logprobs, "token_logprobs": token_logprobs}
 
 
-def _token_id(token: str, where: str, string_ids, expected: int | None = None) -> int:
-    """A legacy token string -> id: vLLM's "token_id:N", else the unique id that decodes to it."""
+def parse_token_id(token: Any, where: str) -> int:
+    """vLLM's "token_id:N" (what return_tokens_as_token_ids writes for a token) -> N, a non-negative
+    integer; anything else, in an answer that is in this form, is an error naming `where`."""
+    digits = token[len(TOKEN_ID_PREFIX):] if isinstance(token, str) and token.startswith(TOKEN_ID_PREFIX) else ""
+    if not (digits.isascii() and digits.isdigit()):
+        raise TeacherAlignmentError(
+            f"{where}: expected a token in vLLM's \"{TOKEN_ID_PREFIX}N\" form (the answer uses it for other "
+            f"tokens), got {str(token)[:100]!r}")
+    return int(digits)
+
+
+def _match_token_string(token: Any, where: str, string_ids, expected: int | None = None) -> int:
+    """A plain token string -> the unique id that decodes to it (`expected`, when it is one of several)."""
     if not isinstance(token, str):
         raise TeacherAlignmentError(f"{where}: expected a token string, got {token!r}")
-    if token.startswith("token_id:"):
-        try:
-            return int(token[len("token_id:"):])
-        except ValueError:
-            raise TeacherAlignmentError(f"{where}: malformed token {token!r}") from None
     candidates = string_ids(token)
     if expected is not None and expected in candidates:
         return expected
@@ -334,5 +404,5 @@ def _token_id(token: str, where: str, string_ids, expected: int | None = None) -
         problem = "no id of the tokenizer decodes to it" if not candidates else f"ids {candidates[:5]} all decode to it"
         raise TeacherAlignmentError(
             f"{where}: cannot map the token string {token!r} to one id ({problem}); use mode='prompt_logprobs' "
-            "(vLLM) or a server that returns ids (vLLM --return-tokens-as-token-ids, rollout.server)")
+            f"(vLLM) or a server that returns ids (vLLM honours {TOKEN_IDS_FIELD}; rollout.server adds token_ids)")
     return candidates[0]

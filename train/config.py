@@ -87,11 +87,21 @@ class RunSection:
     eval_every: int = 0
     device: str = ""  # "" = cuda if available else cpu
     merge_at_end: bool = True  # write out_dir/merged: base + this stage's LoRA, the next stage's start
+    # Metrics sinks besides out_dir/metrics.jsonl, rank 0 only, off by default (train/metrics.py says why run.*):
+    tensorboard: bool = False  # True: event files in out_dir/tensorboard; needs `pip install tensorboard`
+    wandb_project: str = ""  # non-empty: log to this Weights & Biases project; needs `pip install wandb`
+    wandb_entity: str = ""  # the W&B user or team; "" = the logged-in account's default (needs wandb_project)
 
 
 @dataclass
 class KDSection:
     teacher: str = ""  # "local:DIR" or "openai:MODEL"
+    # The teacher's tokenizer (file or directory, model.tokenizer.load_tokenizer): "" = local:DIR's own, or
+    # the student's for openai:. Its vocabulary must match the student's on ordinary text (checked at start).
+    teacher_tokenizer: str = ""
+    # The teacher's chat template: "" / "phi" (the student's), "chatml", "harmony" (gpt-oss), or a string
+    # with {user} and the teacher's special-token markers (rollout/teachers.py TeacherChatTemplate).
+    teacher_template: str = ""
     base_url: str = ""
     api_key_env: str = "OPENAI_API_KEY"  # the variable's name, never its value; "" for a server without auth
     timeout_s: float = 120.0  # one request to an openai: teacher
@@ -249,6 +259,28 @@ def _paths(value) -> bool:
     return all(isinstance(item, str) and item for item in value)
 
 
+def _teacher_template(value: str) -> bool:
+    """kd.teacher_template parses (rollout/teachers.py TeacherChatTemplate; imported here only when
+    checked, as the rest of the config needs nothing of rollout)."""
+    from rollout.teachers import teacher_template_problem
+
+    return teacher_template_problem(value) is None
+
+
+TEACHER_TEMPLATES = ('"" or "phi" (the student\'s Phi-4 template), "chatml", "harmony" (gpt-oss), or a template '
+                     "string with {user} (or both {transcript} and {instruction}), no other placeholders, literal "
+                     "braces doubled, and the role markers as the teacher tokenizer's special-token text, e.g. "
+                     '"<|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n"')
+
+
+def _wandb_name(value: str) -> bool:
+    """Empty (off), or a name W&B accepts for a project or entity: at most 128 characters, none of
+    / \\ # ? % : and no control characters (W&B itself would refuse it only when the run starts)."""
+    return len(value) <= 128 and not any(c in '/\\#?%:' or not c.isprintable() for c in value)
+
+
+WANDB_NAME = '"" or a W&B name: at most 128 characters, none of / \\ # ? % : or control characters'
+
 # Keys whose value names a secret's variable: a key pasted there instead is never repeated.
 SECRET_NAMING_KEYS = ("kd.api_key_env",)
 
@@ -278,6 +310,9 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("run.save_every", *_count(0, " (0: only at the end)")),
     ("run.keep_last", *_count(0, " (0: keep every checkpoint)")),
     ("run.eval_every", *_count(0, " (0: never)")),
+    ("run.wandb_project", _wandb_name, WANDB_NAME),
+    ("run.wandb_entity", _wandb_name, WANDB_NAME),
+    ("kd.teacher_template", _teacher_template, TEACHER_TEMPLATES),
     ("kd.timeout_s", *_number(0, low_open=True)),
     ("kd.max_attempts", *_count(1)),
     ("kd.max_concurrency", *_count(1)),
@@ -308,6 +343,9 @@ def check_ranges(config: TrainConfig, where: Callable[[str], str]) -> None:
         if problem is not None:  # the value itself is never shown: it may be a pasted key
             raise ConfigError(f"{where('kd.api_key_env')}: kd.api_key_env must name an environment variable, but "
                               f"{problem}")
+    if config.run.wandb_entity and not config.run.wandb_project:
+        raise ConfigError(f"{where('run.wandb_entity')}: run.wandb_entity is set but run.wandb_project is empty, so "
+                          "nothing is logged to W&B; set run.wandb_project too, or remove run.wandb_entity")
     if config.optim.max_steps < 1 and config.optim.epochs == 0:
         raise ConfigError(f"{where('optim.max_steps')}: optim.max_steps = {config.optim.max_steps} trains nothing "
                           "(and would hand an untrained model to the next stage); set optim.max_steps >= 1 "

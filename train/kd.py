@@ -13,38 +13,138 @@ reads the transcript (`kd.teacher`):
                  kd.max_concurrency requests are in flight. kd.response_cache (off) keeps every
                  answer under run.out_dir/teacher_cache: on-policy rollouts are new at every
                  step, so it only pays when a run is repeated on the same samples.
+
+The teacher's prompt is built in the teacher's chat format (kd.teacher_template: "" / "phi" the
+student's, "chatml", "harmony", or a template string) with the teacher's tokenizer
+(kd.teacher_tokenizer; "" = local:DIR's own, or the student's for openai:); the student's
+response ids follow it unchanged. Before any step, `make_teacher` refuses a teacher whose
+tokenizer lacks the template's markers, or whose vocabulary gives the student's ids other text
+on ordinary text (rollout.teachers.vocabulary_mismatch on fixed sample sentences and the first
+records of data.train), or (local:) whose output layer is not the student's size.
 """
+import json
 import sys
+from pathlib import Path
 
 from rollout.api_client import RetryPolicy
 from rollout.remote_teacher import OpenAICompatibleTeacher
-from rollout.teachers import LocalTeacher
+from rollout.teachers import LocalTeacher, TeacherChatTemplate, load_teacher_tokenizer, vocabulary_mismatch
 
 from .config import ConfigError
 from .stages import KDStage
 from .recipe import run_recipe
 
+# Manifest fields whose text the vocabulary check reads (NeMo's names too), and how much of each.
+SAMPLE_FIELDS = ("instruction", "context", "summary", "answer", "transcript", "text")
+SAMPLE_RECORDS, SAMPLE_CHARS = 4, 2000
+
 
 def make_teacher(config, model, tokenizer):
-    kind, _, target = config.kd.teacher.partition(":")
-    if kind == "local" and target:
+    """The teacher kd.teacher names, its prompts in kd.teacher_template with the tokenizer of
+    kd.teacher_tokenizer, checked against the student's vocabulary before any step (ConfigError)."""
+    kd = config.kd
+    kind, _, target = kd.teacher.partition(":")
+    if kind not in ("local", "openai") or not target:
+        raise ConfigError(f"[kd] teacher: expected 'local:DIR' or 'openai:MODEL', got {kd.teacher!r}")
+    if kind == "openai" and not kd.base_url:
+        raise ConfigError("[kd] base_url: needed for an openai: teacher (e.g. http://127.0.0.1:8000/v1)")
+    try:
+        chat_template = TeacherChatTemplate.parse(kd.teacher_template)
+    except ValueError as error:  # load_config has checked it; a config built in code may not have been
+        raise ConfigError(f"kd.teacher_template: {error}") from None
+    teacher_tokenizer = _teacher_tokenizer(config, chat_template, target if kind == "local" else "", tokenizer)
+    # None: an openai: teacher built without a tokenizer (it can score, and says so when asked for a prompt)
+    problem = teacher_tokenizer is not None and chat_template.tokenizer_problem(teacher_tokenizer)
+    if problem:
+        raise ConfigError(f"kd.teacher_template = {kd.teacher_template or 'phi'!r} with the teacher's tokenizer "
+                          f"({_teacher_tokenizer_source(config, kind, target)}): {problem}")
+    if tokenizer is not None and teacher_tokenizer is not tokenizer:
+        check_teacher_vocabulary(config, tokenizer, teacher_tokenizer, kind, target)
+    if kind == "local":
         device = model.decoder.embed_tokens.weight.device
-        return LocalTeacher.from_pretrained(target, device=device)
-    if kind == "openai" and target:
-        if not config.kd.base_url:
-            raise ConfigError("[kd] base_url: needed for an openai: teacher (e.g. http://127.0.0.1:8000/v1)")
+        teacher = LocalTeacher.from_pretrained(target, device=device, tokenizer=teacher_tokenizer,
+                                               chat_template=chat_template)
+        teacher_rows, student_rows = teacher.model.decoder.config.vocab_size, model.decoder.config.vocab_size
+        if teacher_rows != student_rows:
+            raise ConfigError(f"kd.teacher = {kd.teacher!r}: the teacher's output layer has {teacher_rows} tokens and "
+                              f"the student's {student_rows}; a local teacher gives its whole distribution, which "
+                              "the KD loss compares with the student's token by token, so the sizes must be equal "
+                              "(use a teacher of the student's vocabulary, or serve it and use kd.teacher = "
+                              "\"openai:MODEL\" with top-k)")
+        return teacher
+    try:
+        return OpenAICompatibleTeacher(kd.base_url, target, kd.top_k, tokenizer=teacher_tokenizer,
+                                       chat_template=chat_template,
+                                       api_key_env=kd.api_key_env or None, timeout_s=kd.timeout_s,
+                                       retry=RetryPolicy(max_attempts=kd.max_attempts),
+                                       max_concurrency=kd.max_concurrency,
+                                       cache_dir=f"{config.run.out_dir}/teacher_cache" if kd.response_cache else None)
+    except ValueError as error:  # the key's variable unset, a bad URL: say it as a config problem
+        raise ConfigError(f"[kd] teacher {kd.teacher!r} at {kd.base_url}: {error} (in the config: "
+                          f"kd.api_key_env names the variable; kd.api_key_env=\"\" for a server without "
+                          f"authentication)") from None
+
+
+def _teacher_tokenizer_source(config, kind: str, target: str) -> str:
+    if config.kd.teacher_tokenizer:
+        return f"kd.teacher_tokenizer = {config.kd.teacher_tokenizer!r}"
+    if kind == "local":
+        return f"the one in {target}, as kd.teacher_tokenizer is empty"
+    return "the student's, as kd.teacher_tokenizer is empty"
+
+
+def _teacher_tokenizer(config, chat_template: TeacherChatTemplate, local_dir: str, student_tokenizer):
+    """kd.teacher_tokenizer; if empty, the local teacher's checkpoint's, else the student's (that object)."""
+    path = config.kd.teacher_tokenizer or local_dir
+    if not path:
+        return student_tokenizer
+    try:
+        return load_teacher_tokenizer(path, chat_template)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        if config.kd.teacher_tokenizer:
+            raise ConfigError(f"kd.teacher_tokenizer = {path!r}: {error}; point it at the teacher's tokenizer "
+                              "(a tokenizer.json, a SentencePiece .model, or a directory holding one)") from None
+        raise ConfigError(f"kd.teacher = {config.kd.teacher!r}: reading the teacher's tokenizer from its checkpoint "
+                          f"failed ({error}); set kd.teacher_tokenizer to the teacher's tokenizer") from None
+
+
+def check_teacher_vocabulary(config, student_tokenizer, teacher_tokenizer, kind: str, target: str) -> None:
+    """ConfigError unless the teacher's tokenizer gives the student's token ids the student's text on
+    ordinary text: fixed sample sentences and the first records of data.train (see the module docstring)."""
+    mismatch = vocabulary_mismatch(student_tokenizer, teacher_tokenizer, manifest_texts(config.data.train))
+    if mismatch is None:
+        return
+    student = config.model.tokenizer or config.model.checkpoint
+    raise ConfigError(
+        f"kd.teacher_tokenizer: the teacher's tokenizer ({_teacher_tokenizer_source(config, kind, target)}) does not "
+        f"share the student's vocabulary ({student}) for ordinary text: {mismatch}. The teacher (kd.teacher = "
+        f"{config.kd.teacher!r}) scores the student's token ids as they are, so every id must be the same text to "
+        "both; only special tokens may differ. Set kd.teacher_tokenizer to the teacher's own tokenizer if this is "
+        "not it, or distil from a teacher of the student's vocabulary (Phi-4-mini's is o200k: e.g. gpt-oss with "
+        "kd.teacher_template = \"harmony\"; Llama and Qwen are not). Cross-tokenizer distillation is not supported.")
+
+
+def manifest_texts(paths, records: int = SAMPLE_RECORDS, chars: int = SAMPLE_CHARS) -> list[str]:
+    """The text fields of the first `records` records of the first manifest(s) in `paths`, each cut to
+    `chars` characters: ordinary text of the run's own kind for the vocabulary check. Lines that do not
+    read as JSON objects are passed over (the dataset reports them)."""
+    texts: list[str] = []
+    for path in paths:
         try:
-            return OpenAICompatibleTeacher(config.kd.base_url, target, config.kd.top_k, tokenizer=tokenizer,
-                                           api_key_env=config.kd.api_key_env or None, timeout_s=config.kd.timeout_s,
-                                           retry=RetryPolicy(max_attempts=config.kd.max_attempts),
-                                           max_concurrency=config.kd.max_concurrency,
-                                           cache_dir=f"{config.run.out_dir}/teacher_cache" if config.kd.response_cache
-                                           else None)
-        except ValueError as error:  # the key's variable unset, a bad URL: say it as a config problem
-            raise ConfigError(f"[kd] teacher {config.kd.teacher!r} at {config.kd.base_url}: {error} (in the config: "
-                              f"kd.api_key_env names the variable; kd.api_key_env=\"\" for a server without "
-                              f"authentication)") from None
-    raise ConfigError(f"[kd] teacher: expected 'local:DIR' or 'openai:MODEL', got {config.kd.teacher!r}")
+            with Path(path).open(encoding="utf-8") as handle:
+                for line in handle:
+                    if records <= 0:
+                        return texts
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(row, dict):
+                        records -= 1
+                        texts += [row[f][:chars] for f in SAMPLE_FIELDS if isinstance(row.get(f), str)]
+        except (OSError, UnicodeDecodeError):
+            continue
+    return texts
 
 
 def make_stage(config, model, tokenizer) -> KDStage:

@@ -158,7 +158,8 @@ def test_echo_mode_without_the_id_fields(served, local, batch, form):
         assert remote.ids[remote.mask].tolist() == expected.ids[expected.mask].tolist()
         torch.testing.assert_close(remote.logprobs, expected.logprobs, atol=1e-5, rtol=0)
         if form == "strings":
-            with pytest.raises(TeacherAlignmentError, match="token strings without ids; pass tokenizer="):
+            with pytest.raises(TeacherAlignmentError, match=r"token strings without ids \(it ignored or refused "
+                                                            r"return_tokens_as_token_ids\); pass tokenizer="):
                 api_teacher(proxy.base_url, None, mode="echo").score(prompts[:1], responses[:1])
         else:
             no_tokenizer = api_teacher(proxy.base_url, None, mode="echo").score(prompts, responses)
@@ -377,6 +378,151 @@ def test_echo_answers_are_checked(corrupt, match):
             with pytest.raises(TeacherAlignmentError, match=match):
                 teacher.score(PROMPTS[:1], RESPONSES[:1])
 
+
+class FakeTokenizer:
+    """Decodes id i to "t<i>", or with `twins` to "t<i mod VOCAB/2>": ids i and i + VOCAB/2 then read the
+    same (as a byte-fallback token and a merged token can), so a token string cannot name one id.
+    Counts decode calls, to show which answers needed no string matching."""
+
+    def __init__(self, twins=False):
+        self.vocab_size, self.twins, self.decode_calls = VOCAB, twins, 0
+
+    def decode(self, ids, skip_special=False):
+        self.decode_calls += 1
+        return "".join(f"t{i % (VOCAB // 2) if self.twins else i}" for i in ids)
+
+
+def twin_alternatives(token_id, k):
+    """A made-up teacher whose rank 2 is the twin of the token at rank 1 (same text, other id)."""
+    return [token_id, (token_id + VOCAB // 2) % VOCAB] + [(token_id + j) % VOCAB for j in range(1, k - 1)]
+
+
+def legacy_echo(ids, k, name, alternatives=lambda token_id, k: [(token_id + j) % VOCAB for j in range(k)]):
+    """A legacy echo answer without rollout.server's id fields: every token written as `name(id)`
+    (vLLM's "token_id:N", or the text a plain server writes). At position p the j-th alternative
+    has log-prob -0.5 (j + 1) - 0.01 p, as in fake_prompt_logprobs; equal names keep the last value."""
+    positions = range(1, len(ids))
+    tops = [None] + [{name(i): -0.5 * (j + 1) - 0.01 * p for j, i in enumerate(alternatives(ids[p], k))}
+                     for p in positions]
+    block = {"tokens": [name(i) for i in ids], "token_logprobs": [None] + [-0.5 - 0.01 * p for p in positions],
+             "top_logprobs": tops, "text_offset": list(range(len(ids)))}
+    return {"choices": [{"index": 0, "text": "", "logprobs": block, "finish_reason": "length"}]}
+
+
+def vllm_name(token_id):
+    return f"token_id:{token_id}"
+
+
+def plain_name(tokenizer):
+    return lambda token_id: tokenizer.decode([token_id])
+
+
+def test_echo_mode_asks_for_token_ids_and_reads_them_exactly():
+    """The request carries return_tokens_as_token_ids; vLLM's "token_id:N" answer gives exactly
+    those ids, the twins included, without the tokenizer. The same scores as plain strings cannot
+    be read: the twins share one string (one JSON key), and string matching refuses it."""
+    twins = FakeTokenizer(twins=True)
+    with StubServer(lambda request: Reply(body=legacy_echo(request.body["prompt"], K, vllm_name,
+                                                           twin_alternatives))) as stub:
+        teacher = api_teacher(stub.base_url, twins, mode="echo")
+        result = teacher.score(PROMPTS, RESPONSES)
+        bodies = [request.body for request in stub.requests]
+    assert len(bodies) == 2 and teacher.ask_token_ids
+    for body in bodies:
+        assert body["return_tokens_as_token_ids"] is True and body["echo"] is True and body["logprobs"] == K
+    assert twins.decode_calls == 0
+    for b, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
+        positions = range(len(prompt), len(prompt) + len(response))
+        assert result.ids[b, :len(response)].tolist() == [twin_alternatives(token_id, K) for token_id in response]
+        expected = torch.tensor([[-0.5 * (j + 1) - 0.01 * p for j in range(K)] for p in positions])
+        torch.testing.assert_close(result.logprobs[b, :len(response)], expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(result.token_logprobs[b, :len(response)], expected[:, 0], atol=1e-6, rtol=0)
+    assert result.ids[0, 0, :2].tolist() == [40, 190] and twins.decode([40]) == twins.decode([190]) == "t40"
+
+    plain = legacy_echo(PROMPTS[0] + RESPONSES[0], K, plain_name(twins), twin_alternatives)
+    assert len(plain["choices"][0]["logprobs"]["top_logprobs"][6]) == K - 1  # 40 and 190 became one key
+    with StubServer(lambda request: Reply(body=plain)) as stub:
+        with pytest.raises(TeacherAlignmentError, match=r"logprobs position 6: cannot map the token string 't40' "
+                                                        r"to one id \(ids \[40, 190\] all decode to it\)"):
+            api_teacher(stub.base_url, twins, mode="echo").score(PROMPTS[:1], RESPONSES[:1])
+
+
+def test_echo_mode_falls_back_to_string_matching_when_the_field_is_ignored():
+    """A stock server ignores return_tokens_as_token_ids and answers plain strings: they are matched
+    through the tokenizer, and the teacher keeps asking (ignoring is not refusing)."""
+    tokenizer, server_side = FakeTokenizer(), FakeTokenizer()
+    with StubServer(lambda request: Reply(body=legacy_echo(request.body["prompt"], K, plain_name(server_side)))) as stub:
+        teacher = api_teacher(stub.base_url, tokenizer, mode="echo")
+        assert_fake_result(teacher.score(PROMPTS, RESPONSES))
+        assert_fake_result(teacher.score(PROMPTS, RESPONSES))
+        assert [r.body["return_tokens_as_token_ids"] for r in stub.requests] == [True] * 4
+    assert teacher.ask_token_ids and tokenizer.decode_calls >= VOCAB  # the strings were matched
+
+
+@pytest.mark.parametrize("refusal", [
+    Reply(400, body={"error": {"message": "Unrecognized request argument supplied: return_tokens_as_token_ids",
+                               "type": "invalid_request_error", "param": None, "code": None}}),
+    Reply(422, body={"object": "error", "type": "BadRequestError", "code": 422,  # a strict pydantic model's words
+                     "message": "1 validation error for CompletionRequest\nreturn_tokens_as_token_ids\n  Extra "
+                                "inputs are not permitted [type=extra_forbidden, input_value=True, input_type=bool]"}),
+])
+def test_echo_mode_retries_once_without_a_refused_field_and_remembers(refusal):
+    tokenizer = FakeTokenizer()
+
+    def strict(request):
+        if "return_tokens_as_token_ids" in request.body:
+            return refusal
+        return Reply(body=legacy_echo(request.body["prompt"], K, plain_name(tokenizer)))
+
+    with StubServer(strict) as stub:
+        teacher = api_teacher(stub.base_url, tokenizer, mode="echo", retry=FAST_RETRY, max_concurrency=1)
+        assert_fake_result(teacher.score(PROMPTS, RESPONSES))
+        assert [("return_tokens_as_token_ids" in r.body) for r in stub.requests] == [True, False, False]
+        assert not teacher.ask_token_ids
+        assert_fake_result(teacher.score(PROMPTS, RESPONSES))  # for the teacher's lifetime: no new refusal
+        assert [("return_tokens_as_token_ids" in r.body) for r in stub.requests] == [True] + [False] * 4
+    assert teacher.usage.retries == 0 and teacher.usage.failed_calls == 1
+
+
+def test_a_400_about_another_field_is_not_taken_for_a_refused_token_ids_field():
+    refusal = Reply(400, body={"error": {"message": "Unrecognized request argument supplied: echo"}})
+    with StubServer(lambda request: refusal) as stub:
+        teacher = api_teacher(stub.base_url, FakeTokenizer(), mode="echo", retry=FAST_RETRY)
+        with pytest.raises(ScoringUnsupportedError, match="HTTP 400: Unrecognized request argument supplied: echo"):
+            teacher.score(PROMPTS[:1], RESPONSES[:1])
+        assert stub.count() == 1 and stub.requests[0].body["return_tokens_as_token_ids"] is True
+    assert teacher.ask_token_ids
+
+
+def _set_top(position, key, value):
+    def corrupt(body):
+        body["choices"][0]["logprobs"]["top_logprobs"][position][key] = value
+        return body
+    return corrupt
+
+
+def _set_token(position, token):
+    def corrupt(body):
+        body["choices"][0]["logprobs"]["tokens"][position] = token
+        return body
+    return corrupt
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (_set_top(7, "token_id:x", -0.1),
+     r"logprobs position 7, top_logprobs: expected a token in vLLM's \"token_id:N\" form .* got 'token_id:x'"),
+    (_set_top(8, "t3", -0.1), r"logprobs position 8, top_logprobs: expected a token in .* got 't3'"),
+    (_set_token(6, "t40"), r"logprobs position 6, tokens: expected a token in .* got 't40'"),
+    (_set_token(9, "token_id:-6"), r"logprobs position 9, tokens: .* got 'token_id:-6'"),
+    (_set_token(7, "token_id:99"), r"logprobs position 7: the server echoed 'token_id:99' \(id 99\) where 41 was sent"),
+])
+def test_token_id_answers_are_checked(corrupt, match):
+    """An answer in "token_id:N" form must use it at every scored position; each fault names where."""
+    answer = lambda request: Reply(body=corrupt(legacy_echo(request.body["prompt"], K, vllm_name)))  # noqa: E731
+    with StubServer(answer) as stub:
+        with pytest.raises(TeacherAlignmentError, match=match):
+            api_teacher(stub.base_url, FakeTokenizer(), mode="echo", retry=FAST_RETRY).score(PROMPTS[:1], RESPONSES[:1])
+        assert stub.count() == 1
 
 KILLED_WRITER = textwrap.dedent("""
     import sys

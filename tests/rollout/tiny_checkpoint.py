@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import random
 import shutil
 import threading
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from model import SpeechLM, save_pretrained, toy
-from model.tokenizer import config_token_ids, train_sentencepiece
+from model.tokenizer import SPECIAL_TOKENS, config_token_ids, train_sentencepiece
 
 WORDS = (
     "the meeting team budget project design remote control we decided agreed next week price battery "
@@ -72,3 +73,26 @@ def serving(checkpoint: str | Path, model_name: str, api_key: str | None = None)
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# gpt-oss's (harmony) role markers: a KD teacher tokenizer with its own special tokens
+HARMONY_MARKERS = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>")
+
+
+def train_with_markers(texts, path: str | Path, markers=HARMONY_MARKERS, vocab_size: int = 300) -> Path:
+    """A toy SentencePiece model as model.tokenizer.train_sentencepiece trains it, with `markers` as the
+    user-defined special tokens (ids 4-8) in place of the Phi-4 chat's: trained on the same texts, its
+    ordinary pieces and their ids are the toy tokenizer's (a teacher sharing the student's vocabulary
+    with a chat template of its own)."""
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size, model_type="bpe", pad_id=0,
+        bos_id=1, eos_id=2, unk_id=3, eos_piece=SPECIAL_TOKENS["endoftext"], user_defined_symbols=list(markers),
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        character_coverage=1.0, max_sentence_length=1 << 20, num_threads=1, minloglevel=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.getvalue())
+    return path
