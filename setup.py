@@ -24,9 +24,12 @@ setup(
         "tomli; python_version < '3.11'",  # train/config.py: tomllib is in the standard library from 3.11
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=5.0", "peft", "tomli"],  # tomli: the Python 3.10 config path is tested
+        # tomli: the Python 3.10 config path is tested; tensorboard: its metrics sink is (W&B's through a stand-in)
+        "dev": ["pytest", "transformers>=5.0", "peft", "tomli", "tensorboard"],
         "phi4mm": ["tokenizers"],
         "audio": ["torchaudio"],
         "demo": ["matplotlib"],  # the plots of eval.run and make demo (skipped with a note without it)
+        "tensorboard": ["tensorboard"],  # run.tensorboard = true (train/metrics.py)
+        "wandb": ["wandb"],  # run.wandb_project = "..." (train/metrics.py)
     },
 )

@@ -29,6 +29,7 @@ for KD rollouts). The run's length is computed (`total_steps`), never written ba
 config, and `train()` reads top to bottom as the four steps above.
 
 Checkpoints, their manifests and the choice of the step to resume from: train/checkpoints.py.
+Metrics (out_dir/metrics.jsonl, and TensorBoard / Weights & Biases when switched on): train/metrics.py.
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +53,7 @@ from model.safeio import atomic_write_text
 from .checkpoints import Position, agree_on_resume, choose_resume_step, restore_step, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, is_distributed
+from .metrics import MetricsLog, check_sink_packages, open_sinks
 
 logger = logging.getLogger(__name__)
 
@@ -136,37 +137,6 @@ def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
         raise ValueError("no trainable parameters: apply LoRA / mark the projector trainable before training")
     return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=optim.weight_decay)
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics line; infinity for a line a crash left half-written."""
-    try:
-        return json.loads(line).get("step", math.inf)
-    except (json.JSONDecodeError, AttributeError):
-        return math.inf
-
-
-class MetricsLog:
-    """One JSON line per step (rank 0) in out_dir/metrics.jsonl, and a progress line on a terminal."""
-
-    def __init__(self, out_dir: Path, info: DistInfo, resume_step: int):
-        self.enabled = info.is_main
-        self.path = out_dir / "metrics.jsonl"
-        if self.enabled and self.path.exists():  # drop lines after the checkpoint we resume from, and torn ones
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        self.terminal = sys.stderr.isatty()
-
-    def write(self, record: dict[str, Any], max_steps: int) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.terminal:
-            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-            print(f"\r[{record['step']}/{max_steps}] {shown}", end="", file=sys.stderr, flush=True)
-        else:
-            print(json.dumps(record), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,50 +232,56 @@ def train(
     optim, run = config.optim, config.run
     out_dir = Path(run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:  # a switched-on sink without its package stops the run here, before anything loads
+        check_sink_packages(run)
     model.to(info.device)
     optimizer = build_optimizer(model, optim)
     checkpointer = Checkpointer(out_dir, config, info)
     position = checkpointer.resume(model, optimizer)
-    log = MetricsLog(out_dir, info, position.step)
+    log = MetricsLog(out_dir, info, position.step, open_sinks(config, out_dir, info, position.step))
     wrapped = wrap_for_training(model, stage, info)
     trainable = [p for p in model.parameters() if p.requires_grad]
     max_steps = total_steps(optim, data)
     batches = StepBatches(data, position, config, info)
     steps_this_call = 0
 
-    while position.step < max_steps and (stop_after is None or steps_this_call < stop_after):
-        start = time.perf_counter()
-        # 1. the micro-batches of this step, with their experience
-        micro_batches = [prepare(stage, model, batches.take(position), info) for _ in range(optim.grad_accum)]
-        # 2. loss units of the global batch
-        local_units = sum(stage.loss_units(b) for b in micro_batches)
-        global_units = int(all_reduce_sum(torch.tensor([local_units], dtype=torch.float64, device=info.device)).item())
-        if global_units == 0:
-            raise ValueError(f"step {position.step + 1}: the global batch has no loss tokens (all prompts, no response?)")
-        # 3. forward / backward, gradients synchronised on the last micro-batch only
-        sums, counts = accumulate_gradients(wrapped, model, micro_batches, info.world_size / global_units, info,
-                                            on_nonfinite=lambda batch, own: report_nonfinite(
-                                                out_dir, position.step + 1, info, data.sample_ids(batch), own, model))
-        # 4. clip, step, schedule
-        lr = learning_rate(position.step, optim, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.grad_clip if optim.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        position.step += 1
-        steps_this_call += 1
+    with log, contextlib.closing(batches):  # closed on an error too: TensorBoard flushes, W&B marks it failed
+        while position.step < max_steps and (stop_after is None or steps_this_call < stop_after):
+            start = time.perf_counter()
+            # 1. the micro-batches of this step, with their experience
+            micro_batches = [prepare(stage, model, batches.take(position), info) for _ in range(optim.grad_accum)]
+            # 2. loss units of the global batch
+            local_units = sum(stage.loss_units(b) for b in micro_batches)
+            global_units = int(all_reduce_sum(torch.tensor([local_units], dtype=torch.float64,
+                                                           device=info.device)).item())
+            if global_units == 0:
+                raise ValueError(f"step {position.step + 1}: the global batch has no loss tokens "
+                                 "(all prompts, no response?)")
+            # 3. forward / backward, gradients synchronised on the last micro-batch only
+            sums, counts = accumulate_gradients(
+                wrapped, model, micro_batches, info.world_size / global_units, info,
+                on_nonfinite=lambda batch, own: report_nonfinite(out_dir, position.step + 1, info,
+                                                                 data.sample_ids(batch), own, model))
+            # 4. clip, step, schedule
+            lr = learning_rate(position.step, optim, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable,
+                                                       optim.grad_clip if optim.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            position.step += 1
+            steps_this_call += 1
 
-        elapsed = time.perf_counter() - start
-        record = {"step": position.step, "lr": lr, "grad_norm": float(grad_norm), "units": global_units,
-                  "units_per_s": global_units / elapsed, **reduce_metrics(sums, counts, global_units, info)}
-        if position.step % run.log_every == 0 or position.step == max_steps:
-            log.write(record, max_steps)
-        if evaluate is not None and run.eval_every and position.step % run.eval_every == 0:
-            log.write({"step": position.step, **evaluate(model, position.step)}, max_steps)
-        if position.step >= max_steps or (run.save_every and position.step % run.save_every == 0):
-            checkpointer.save(model, optimizer, position)
-    batches.close()
+            elapsed = time.perf_counter() - start
+            record = {"step": position.step, "lr": lr, "grad_norm": float(grad_norm), "units": global_units,
+                      "units_per_s": global_units / elapsed, **reduce_metrics(sums, counts, global_units, info)}
+            if position.step % run.log_every == 0 or position.step == max_steps:
+                log.write(record, max_steps)
+            if evaluate is not None and run.eval_every and position.step % run.eval_every == 0:
+                log.write({"step": position.step, **evaluate(model, position.step)}, max_steps)
+            if position.step >= max_steps or (run.save_every and position.step % run.save_every == 0):
+                checkpointer.save(model, optimizer, position)
     return position
 
 

@@ -13,7 +13,9 @@ Errors a user can fix (config, data, checkpoint) print one message and exit with
 What the config names on this machine is checked before anything loads (`check_environment`):
 `run.device` must exist here, `run.out_dir` must be a directory that can be written (made if
 absent, tested by writing and removing a file), and `model.checkpoint` must be a directory, so a
-wrong path is reported as the checkpoint's, not as the tokenizer's read from it.
+wrong path is reported as the checkpoint's, not as the tokenizer's read from it. A metrics sink
+switched on (`run.tensorboard`, `run.wandb_project`) needs its package importable here
+(train/metrics.py), checked on every rank, so no rank is left waiting for one that stopped.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from rollout.api_client import ApiError
 from .config import ConfigError, TrainConfig, load_config
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_everything, shutdown
 from .loop import NonFiniteLoss, train
+from .metrics import check_sink_packages
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -162,6 +165,7 @@ def check_environment(config: TrainConfig) -> None:
     check_device(config.run.device)
     check_out_dir(config.run.out_dir)
     check_checkpoint(config.model.checkpoint)
+    check_sink_packages(config.run)
 
 
 def parse_args(stage: str, argv=None) -> TrainConfig:
