@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["model*", "losses*", "train*", "rollout*", "eval*", "data*", "toy*"]),
+    packages=find_packages(include=["model*", "losses*", "api*", "train*", "rollout*", "eval*", "data*", "toy*"]),
     install_requires=[
         "torch>=2.4",
         "numpy",

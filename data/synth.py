@@ -28,7 +28,7 @@ without a surviving query go to `{out}.rejected.jsonl` with the same counts.
 Resumable and crash-safe: rows are appended and fsync'ed one recording at a time; on start, a
 torn last line and the rows of a recording with fewer rows than its `queries_chosen` are
 removed, and recordings present in either file are skipped. Requests go through the shared
-client (rollout.api_client.ApiClient): retries with backoff, an on-disk cache (`--cache-dir`,
+client (api.client.ApiClient): retries with backoff, an on-disk cache (`--cache-dir`,
 default `{out}.cache`), so an interrupted recording re-asks nothing that was answered,
 bounded concurrency (`--concurrency`). A recording whose requests exhaust their retries is
 counted as failed and left for the next run; more than `--max-failures` stop the run; a
@@ -45,7 +45,7 @@ their default. `--max-tokens` (default 4096) is sent as `max_completion_tokens` 
 reasoning model's hidden reasoning too); `none` sends no limit. These parameters are part of
 every request and so of its cache key: a changed value asks again instead of reusing a cached
 reply. A classic Azure OpenAI deployment is reached with `--azure-api-version` /
-`--azure-deployment` or a base URL with `?api-version=` (rollout/api_client.py).
+`--azure-deployment` or a base URL with `?api-version=` (docs/api-client.md).
 """
 from __future__ import annotations
 
@@ -63,10 +63,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from api.client import ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError
+from api.options import (add_client_arguments, check_generation, client_options, generation_params,
+                         optional_max_tokens, optional_temperature)
 from model.errors import report_error
-from rollout.api_client import (ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError,
-                                add_client_arguments, check_generation, client_options, generation_params,
-                                optional_max_tokens, optional_temperature)
 
 from .manifest import DataError, ManifestEntry, read_manifest
 

@@ -42,8 +42,8 @@ Pairwise preference is judged in both orders, (a, b) and (b, a), to cancel posit
 including when either reply is unusable. DPO drops ties (paper section 2.3).
 
 HTTP, retries, the crash-safe cache, usage and bounded concurrency are the teacher's:
-`rollout.api_client.ApiClient` (one module for both). The API key is read from the environment
-variable named by `api_key_env`, never stored or logged.
+`api.client.ApiClient` (one client for both; docs/api-client.md). The API key is read from the
+environment variable named by `api_key_env`, never stored or logged.
 """
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-from rollout.api_client import (ApiClient, ApiRequest, MalformedResponseError, check_generation,
-                                generation_params, optional_max_tokens, optional_temperature)
+from api.client import ApiClient, ApiRequest, MalformedResponseError
+from api.options import check_generation, generation_params, optional_max_tokens, optional_temperature
 
 SCORE_SYSTEM = (
     "You are a meticulous evaluator of summaries of spoken recordings such as meetings, lectures and "

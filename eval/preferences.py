@@ -42,11 +42,11 @@ require), `--judge-max-tokens` (default 512, sent as max_completion_tokens; `non
 limit), `--judge-json-mode` (eval/judge.py). `--temperature` is the student's sampling
 temperature, not the judge's. A classic Azure OpenAI deployment is reached with
 `--azure-api-version` / `--azure-deployment` or a base URL with `?api-version=`
-(rollout/api_client.py).
+(docs/api-client.md).
 
 Resumable: both files are append-only, fsync'ed per batch and repaired on start (a torn last
 line is removed); recordings in either file are skipped. Judge requests go through the shared
-client (rollout.api_client): retries, the on-disk cache (`--cache-dir`, default `{out}.cache`),
+client (api.client): retries, the on-disk cache (`--cache-dir`, default `{out}.cache`),
 bounded concurrency. Recordings whose audio cannot be used or that do not fit the context are
 skipped and counted (data/dataset.py), not written, so a later run retries them.
 
@@ -70,6 +70,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from api.client import ApiError
+from api.options import add_client_arguments, client_options
 from data.audio import DurationPolicy
 from data.batching import collate
 from data.dataset import ManifestDataset
@@ -78,7 +80,6 @@ from data.synth import append_rows, read_rows
 from data.text import repetition
 from eval.judge import add_judge_arguments, judge_request_options
 from model.errors import report_error
-from rollout.api_client import ApiError, add_client_arguments, client_options
 
 logger = logging.getLogger(__name__)
 

@@ -559,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data.manifest import DataError
     from model.checkpoint import CheckpointError
-    from rollout.api_client import ApiError
+    from api.client import ApiError
 
     try:
         checkpoints = _named(args.checkpoint, "checkpoint", lambda d: Path(d.removeprefix(TEXT_MODE)).resolve().name)

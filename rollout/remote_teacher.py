@@ -36,7 +36,7 @@ mismatch raises TeacherAlignmentError naming the position; an endpoint that cann
 ScoringUnsupportedError with the explanation above. The top k at a position are the k entries
 with the largest log-probability (the actual token is kept only if it is among them; its own
 log-probability is in token_logprobs). Retries, the crash-safe cache (a rerun makes no new
-calls), usage and bounded concurrency come from `rollout.api_client.ApiClient`.
+calls), usage and bounded concurrency come from `api.client.ApiClient` (docs/api-client.md).
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .api_client import ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError
+from api.client import ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError
+
 from .scoring import NEG_INF, TokenIds
 from .teachers import (DEFAULT_TOP_K, TEACHER_TEMPLATE, TeacherChatTemplate, TopKLogprobs, _check_pairs,
                        teacher_prompt_ids)

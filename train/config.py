@@ -337,7 +337,7 @@ def check_ranges(config: TrainConfig, where: Callable[[str], str]) -> None:
             verdict = "is out of range" if isinstance(value, (int, float)) else "is not allowed"
             raise ConfigError(f"{where(key)}: {key} = {_show(value)} {verdict}; allowed: {allowed}")
     if config.kd.api_key_env:
-        from rollout.api_client import env_name_problem
+        from api.keys import env_name_problem
 
         problem = env_name_problem(config.kd.api_key_env)
         if problem is not None:  # the value itself is never shown: it may be a pasted key

@@ -26,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from rollout.api_client import RetryPolicy
+from api.retry import RetryPolicy
 from rollout.remote_teacher import OpenAICompatibleTeacher
 from rollout.teachers import LocalTeacher, TeacherChatTemplate, load_teacher_tokenizer, vocabulary_mismatch
 

@@ -31,6 +31,7 @@ import torch
 
 from data.audio import DurationPolicy
 from data.dataset import ManifestDataset
+from api.client import ApiError
 from data.manifest import DataError
 from model import load_pretrained, save_pretrained
 from model.checkpoint import CheckpointError
@@ -38,7 +39,6 @@ from model.encoder_cache import EncoderOutputCache, EncoderTrainableError
 from model.errors import report_error
 from model.lora import apply_lora, mark_trainable, merge_and_remove_lora
 from model.tokenizer import load_tokenizer
-from rollout.api_client import ApiError
 
 from .config import ConfigError, TrainConfig, load_config
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_everything, shutdown

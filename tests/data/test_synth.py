@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from api.client import ApiClient
+from api.retry import RetryPolicy
 from data import synth
 from data.dataset import ManifestDataset
 from data.manifest import load_manifest
 from data.synth import PROPOSE_SYSTEM, SynthConfig, choose, parse_candidates
-from rollout.api_client import ApiClient, RetryPolicy
+from tests.api.http_stub import Reply, StubServer
 from tests.data.helpers import tokenizer, tone, write_audio, write_manifest
-from tests.rollout.http_stub import Reply, StubServer
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)

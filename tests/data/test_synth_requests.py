@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from api.client import ApiClient
 from data import synth
 from data.synth import PROPOSE_SYSTEM, SynthConfig, Synthesizer
-from rollout.api_client import ApiClient
+from tests.api.http_stub import Reply, StubServer
 from tests.data.helpers import write_manifest
-from tests.rollout.http_stub import Reply, StubServer
 
 KEY_ENV = "SPEECHSUM_TEST_SYNTH_KEY"
 SECRET = "synth-test-KEY-4411"

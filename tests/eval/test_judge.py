@@ -7,6 +7,8 @@ import threading
 
 import pytest
 
+from api.client import RetriesExhaustedError
+from api.retry import RetryPolicy
 from eval.judge import (
     PREFER_TEMPLATE,
     SCORE_TEMPLATE,
@@ -15,9 +17,8 @@ from eval.judge import (
     parse_preference,
     parse_score,
 )
-from rollout.api_client import RetriesExhaustedError, RetryPolicy
 from rollout.server import load_service, make_server
-from tests.rollout.http_stub import Reply, StubServer
+from tests.api.http_stub import Reply, StubServer
 from tests.rollout.tiny_checkpoint import build_tiny_checkpoint
 
 SECRET = "sk-test-JUDGE-5e1d0a77c4"

@@ -10,7 +10,7 @@ import pytest
 from eval import preferences, run
 from eval.judge import OpenAIJudge, add_judge_arguments, judge_request_options
 from eval.run import judge_identity
-from tests.rollout.http_stub import Reply, StubServer
+from tests.api.http_stub import Reply, StubServer
 
 SECRET = "azure-judge-KEY-77ab01"
 KEY_ENV = "SPEECHSUM_TEST_JUDGE_REQUESTS_KEY"

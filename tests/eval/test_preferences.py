@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from api.retry import RetryPolicy
 from eval import preferences
 from data.dataset import ManifestDataset
 from data.text import repetition
 from eval.preferences import SamplingConfig, classify
 from eval.judge import OpenAIJudge
 from model import load_pretrained, save_pretrained
-from rollout.api_client import RetryPolicy
+from tests.api.http_stub import Reply, StubServer
 from tests.data.helpers import tiny_audio_model, tokenizer, tone, write_audio, write_manifest
-from tests.rollout.http_stub import Reply, StubServer
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.05)

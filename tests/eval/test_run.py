@@ -21,10 +21,10 @@ from eval.report import bootstrap_ci, plot
 from eval.run import EvalError, JsonlLog, evaluate, judge_identity, main, make_judge
 from model import load_pretrained
 from model.features import log_mel, num_audio_tokens
+from tests.api.http_stub import Reply, StubServer
 from model.tokenizer import load_tokenizer
 from rollout.sampler import SamplingParams, generate
 from tests.eval.fixtures import build_audio_checkpoint, write_jsonl_benchmark
-from tests.rollout.http_stub import Reply, StubServer
 
 KEY_ENV = "SPEECHSUM_TEST_EVAL_KEY"
 BASE = {"alpha": (7, 0, 7), "bravo": (5, 1, 6), "charlie": (3, 0, 4)}  # word -> (overall, halluc., adherence)

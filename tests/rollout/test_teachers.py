@@ -1,20 +1,18 @@
 """Teachers: the local teacher against a brute-force forward; the OpenAI-compatible teacher over
 real HTTP (rollout.server in a thread, the real `openai` client) against the local teacher; and
-the shared client's retries, cache, concurrency, crash safety and secrecy against a scripted stub.
+the shared client's retries, cache, concurrency and secrecy, seen through the teacher, against a
+scripted stub (the cache's crash safety on its own: tests/api/test_cache.py).
 """
 import json
 import logging
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from api.client import EndpointError, RetriesExhaustedError
+from api.retry import RetryPolicy
 from model.tokenizer import load_tokenizer
-from rollout.api_client import ApiClient, ApiRequest, EndpointError, ResponseCache, RetriesExhaustedError, RetryPolicy
 from rollout.remote_teacher import (
     CHAT_ONLY_EXPLANATION,
     OpenAICompatibleTeacher,
@@ -22,13 +20,12 @@ from rollout.remote_teacher import (
     TeacherAlignmentError,
 )
 from rollout.teachers import LocalTeacher
-from tests.rollout.http_stub import Reply, StubServer
+from tests.api.http_stub import Reply, StubServer
 from tests.rollout.tiny_checkpoint import build_tiny_checkpoint, serving
 
 K = 5
 SECRET = "sk-test-TEACHER-3b9f0c1d2e"  # recognisable, so a leak shows up in a grep
 KEY_ENV = "SPEECHSUM_TEST_TEACHER_KEY"
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -523,63 +520,6 @@ def test_token_id_answers_are_checked(corrupt, match):
         with pytest.raises(TeacherAlignmentError, match=match):
             api_teacher(stub.base_url, FakeTokenizer(), mode="echo", retry=FAST_RETRY).score(PROMPTS[:1], RESPONSES[:1])
         assert stub.count() == 1
-
-KILLED_WRITER = textwrap.dedent("""
-    import sys
-    from rollout.api_client import ApiClient, ApiRequest
-    url, cache_dir = sys.argv[1], sys.argv[2]
-    client = ApiClient(url, api_key_env=None, cache_dir=cache_dir, max_concurrency=4)
-    client.map([ApiRequest("completions", {"model": "tiny", "prompt": [i]}, lambda body: body["choices"][0]["text"])
-                for i in range(100000)])
-""")
-
-
-def test_process_killed_mid_run_leaves_a_cache_that_loads(tmp_path):
-    """SIGKILL a process that is writing cache entries as fast as a stub answers (each entry about
-    100 kB), then load the cache, and rerun: only the missing entries are requested again."""
-    def answer(request):
-        return Reply(body={"choices": [{"index": 0, "text": f"{request.body['prompt'][0]}:" + "x" * 100_000}]})
-
-    cache_dir = tmp_path / "cache"
-    with StubServer(answer) as stub:
-        writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, stub.base_url, str(cache_dir)], cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 30
-            while len(list(cache_dir.glob("??/*.json"))) < 25:
-                assert writer.poll() is None, writer.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "the writer produced no cache entries"
-                time.sleep(0.01)
-            writer.kill()
-        finally:
-            writer.kill()
-            writer.wait(timeout=10)
-        cache = ResponseCache(cache_dir)
-        keys = cache.keys()
-        assert len(keys) >= 25
-        assert all(cache.get(key)[0] for key in keys)  # every entry under its final name is complete
-        client = ApiClient(stub.base_url, api_key_env=None, cache_dir=cache_dir)
-        before = stub.count()
-        requests = [ApiRequest("completions", {"model": "tiny", "prompt": [i]}, lambda body: body["choices"][0]["text"])
-                    for i in range(60)]
-        cached = sum(cache.get(client.cache_key(request))[0] for request in requests)
-        assert cached >= 20  # the writer works through the requests in order
-        values = client.map(requests)
-        assert stub.count() - before == 60 - cached
-    assert client.usage.cache_hits == cached
-    assert [v.split(":")[0] for v in values] == [str(i) for i in range(60)]
-
-
-def test_unreadable_entry_is_a_miss(tmp_path, caplog):
-    cache = ResponseCache(tmp_path)
-    key = "ab" + "0" * 62
-    cache.put(key, {"v": 1})
-    assert cache.get(key) == (True, {"v": 1})
-    cache.path(key).write_text('{"format": 1, "key": "ab00', encoding="utf-8")  # a torn copy
-    (cache.path(key).parent / f".{key}.1234.tmp").write_text("{")  # an interrupted write
-    with caplog.at_level(logging.WARNING):
-        assert cache.get(key) == (False, None)
-    assert "unreadable" in caplog.text and cache.keys() == [key]
 
 
 def test_api_key_never_reaches_logs_caches_or_configs(tmp_path, caplog):

@@ -3,8 +3,10 @@ request path with ?api-version=, the api-key header, the base URL parsed from th
 or built from options (one cache for both), and the errors for URLs that cannot work."""
 import pytest
 
-from rollout.api_client import ApiClient, ApiRequest, EndpointError, azure_target, generation_params
-from tests.rollout.http_stub import Reply, StubServer
+from api.azure import azure_target
+from api.client import ApiClient, ApiRequest, EndpointError
+from api.options import generation_params
+from tests.api.http_stub import Reply, StubServer
 
 SECRET = "azure-test-KEY-0c9e51f2"
 KEY_ENV = "SPEECHSUM_TEST_AZURE_KEY"
