@@ -1,46 +1,21 @@
 """One-shot GPU check: bf16 accuracy, attention kernels, DDP, decode bandwidth, sampler speed, KD-loss memory.
 
 Meant to run once on one NVIDIA H100 / H200 in a few minutes (well under 8), with random
-weights (no checkpoint, no data, no network):
+weights (no checkpoint, no data, no network), so a GPU session answers in one script what this
+project's CPU benchmarks cannot: whether bf16 logits stay close to fp32, which attention kernels
+run, whether a DDP training step works, how near decoding gets to the memory-bandwidth roofline,
+how the sampler compares with transformers, and how much memory the fused KD loss needs.
 
     python bench/gpu_check.py --out results/gpu/gpu_check.json [--peak-gbs 3350] [--skip-compile]
     python bench/gpu_check.py --dry-run     # the same code paths at toy sizes on CPU (seconds)
 
 Results go to results/gpu/ (``--out``; written atomically after every figure, with
 ``"complete": false`` until the last one, so a run cut short still leaves what it measured).
-The last line of stdout is the same JSON object. Its figures:
+The last line of stdout is the same JSON object; a figure that fails is ``{"error": ...}`` and
+the script exits 1, and without CUDA and without ``--dry-run`` it exits 2.
 
-* ``bf16_vs_fp32``: a random SpeechLM of this project (the toy encoder, a decoder of hidden
-  1024, 8 layers), one batch of speech prompts, logits in float32 vs the same weights cast to
-  bfloat16: max and mean |difference| and the share of positions whose argmax agrees
-  (``autocast``: the same for float32 weights under bfloat16 autocast, as training runs).
-  Random weights give flat logits (``logit_std``), so near-ties make the agreement a pessimistic
-  figure.
-* ``sdpa_kernels``: for each attention call of model/decoder.py ``attend``, (a) causal without
-  a mask, (b) an explicit boolean padding mask (left-padded prompts, as the sampler's prefill),
-  (c) the same mask with the key/value heads expanded (``expand_kv``, the path taken on CUDA),
-  which scaled_dot_product_attention backends run when each is the only one allowed
-  (flash, efficient, cudnn, math), why the others refused, and ``default``: the first working
-  one in torch's priority order (what runs when all are allowed).
-* ``ddp_step``: one training step of the SFT loss (train.loop.StageForward around
-  train.stages.SFTStage, LoRA + projector trainable, bf16 autocast on CUDA) through
-  DistributedDataParallel in a one-process group (nccl on CUDA, gloo in the dry run).
-* ``decode_roofline``: batch-1 greedy decoding with rollout.sampler.generate of a real-size
-  decoder (hidden 3072, 32 layers, 24 / 8 heads, vocabulary 200064, bf16, text only): time per
-  decode step (a run of N new tokens minus a run of 1, over N - 1 steps), weight bytes,
-  achieved bandwidth = weight bytes / step time and its share of ``--peak-gbs`` (3350 GB/s:
-  H100 SXM; H200: 4800). ``compiled``: the same with torch.compile on the decoder forward, with
-  dynamo's graph and graph-break counts (a break means parts run eagerly), or the error raised.
-  It runs last; ``--skip-compile`` leaves it out.
-* ``sampler_vs_transformers``: our sampler vs transformers' generate(), batch 8, greedy, same
-  weights (bench/reference.py), bf16: generated tokens/s of each, the ratio, token agreement.
-* ``kd_loss_memory``: peak CUDA memory of one losses.kd_fused.fused_kd_loss + backward at V=200064,
-  H=3072, 2048 tokens, float32, for a local-head teacher and a top-20 teacher (inputs from
-  bench/kd_loss.py), also above the inputs, next to the size of one [N, V] float32 tensor
-  (what the naive loss materialises several times). Not measured in the dry run (null).
-
-Each figure that fails is reported as ``{"error": ...}`` and the script exits 1 after printing
-the JSON; without CUDA and without ``--dry-run`` it exits 2.
+Details of every figure (``bf16_vs_fp32``, ``sdpa_kernels``, ``ddp_step``, ``decode_roofline``,
+``sampler_vs_transformers``, ``kd_loss_memory``): docs/gpu-check.md.
 """
 from __future__ import annotations
 

@@ -1,50 +1,18 @@
 """Manifest rows -> tokenized `Example`s with log-mel features, in length-bucketed sharded batches.
 
 `ManifestDataset` is the `BatchSource` train/loop.py consumes (`epoch_plans`, `load`,
-`sample_ids`) for every stage of the paper, by `task`:
-- "sft" (section 2.1): instruction -> reference summary, the loss on the summary;
-- "prompt" (sections 2.2-2.3): no response; the student samples its own. The example carries
-  the instruction and, for the text teacher and the judge, the transcript;
-- "pairs" (section 2.3, DPO): a pairs file of eval.preferences; each entry loads as two
-  consecutive rows with the same id, y+ then y- (the layout of data/pairs.py and
-  train.stages.DPOStage; `sample_ids` gives one id per pair). The responses are the ids the
-  student sampled (`chosen_token_ids`, `rejected_token_ids`) when present and inside the
-  vocabulary, else the `chosen` / `rejected` texts + <|end|>. A pair counts as two rows in the
-  token budget.
+`sample_ids`) for every stage of the paper, by `task`: "sft" (instruction -> reference, the loss
+on the summary), "prompt" (KD and DPO pools: the student samples its own response) and "pairs"
+(DPO: each pair loads as two consecutive rows, y+ then y-). One example is the Phi-4MM chat
+prompt with the clip's audio placeholders (their count from the audio actually loaded), the
+response and the clip's log-mel features; the loss is on the response only.
 
-One example (model/tokenizer.py builds the Phi-4MM chat template):
+Construction reads no audio, so planning batches by token budget uses manifest durations only;
+audio is decoded for the batch in hand (`load`), optionally through a feature cache. Bad
+samples never stop a run: they are counted by reason and skipped (`strict=True` raises instead),
+and a batch with none left gets a substitute so every DDP rank takes its step.
 
-    prompt_ids   <|user|> <audio placeholder> x n_audio  {instruction} <|end|> <|assistant|>
-    response_ids {summary} <|end|> <|endoftext|>          (SFT; <|endoftext|> only if add_eos)
-    features     (frames, 80) log-mel of the segment, model.features.log_mel
-
-`n_audio = ceil(frames / 8)` comes from the audio actually loaded (after resampling, clipping
-and truncation), never from the manifest. The loss is on the response only: `collate` sets
-`loss_mask` on response positions. With add_eos (default) the targets end in `<|end|>
-<|endoftext|>`, so the model learns to close its turn and stop; Phi-4MM's eos ids include both.
-
-Laziness. Construction reads no audio: it tokenizes the texts once to estimate every sample's
-length (audio tokens from the manifest `duration`, see data/audio.py for the policy) and
-rejects entries that cannot fit the model's context. Audio is decoded in `load(plan)`, for the
-batch in hand. `feature_cache=DIR` keeps features on disk (`FeatureCache`): worth it when
-decoding and resampling long recordings costs more than reading 57.6 MB per 30 minutes of audio
-(180,000 frames x 80 x 4 bytes); off by default.
-
-Batches (`data.batching.bucketed_plans`): a batch's cost is its padded size, rows x longest row
-(audio + text tokens), kept <= `max_tokens`; samples are length-sorted within windows of the
-shuffled order, cut into batches, the batch order shuffled, and the batches dealt to ranks with
-equal counts per rank, all from (seed, epoch). Planning uses manifest durations only.
-
-Bad samples. Construction rejects manifest lines that fail validation and entries too long for
-the context (`rejected`, a Counter by reason, the same on every rank). `load` skips a sample
-whose audio cannot be used or whose real length exceeds the context: `skipped` (a Counter by
-reason, for this rank: "audio_file", "segment", "over_max_duration", "over_context"), a logged
-warning with file, line and field, and the sample is remembered as bad for later epochs. With
-`strict=True` the first bad sample raises `DataError` instead (construction included). If
-every sample of a batch is bad, `load` substitutes the next loadable sample of the dataset
-(walking forward from the batch's first index, deterministic), counted in `refills`, so the
-rank still takes its step (DDP needs equal steps); if no sample at all can be loaded it raises
-DataError.
+Details (each task, the example layout, laziness, batches, bad samples): docs/dataset.md.
 """
 from __future__ import annotations
 
@@ -102,7 +70,7 @@ class FeatureCache:
 
 
 class ManifestDataset:
-    """A `train.loop.BatchSource` over manifest entries; see the module docstring."""
+    """A `train.loop.BatchSource` over manifest entries (docs/dataset.md)."""
 
     def __init__(
         self,

@@ -1,46 +1,21 @@
 """JSON-lines manifests in the NeMo style, validated with every problem reported at once.
 
+Kept in one module: the entry type, the file reader and every field's rule are one format.
+
 One recording (or one segment of it) per line:
 
     {"audio_filepath": "meetings/ES2004a.wav", "duration": 1403.2, "offset": 0.0, "id": "ES2004a",
      "lang": "en", "transcript": "...", "instruction": "Summarize the meeting in 5 bullets.",
      "summary": "- ..."}
 
-- `audio_filepath` (required): relative to the manifest's folder, or absolute.
-- `duration` (required): seconds of audio to use, starting at `offset`. Batch planning reads it
-  (data/dataset.py), so planning never opens an audio file. `null` means "to the end of the
-  file": it is read from the audio file's header when the manifest is read (`data.audio.probe`;
-  the samples are not decoded), as the file's length minus `offset`, and the entry carries that
-  number from then on (pipelines write it back). A line with other errors is not probed; an
-  unreadable header is an error of that line.
-- `offset` (default 0): seconds to skip at the start of the file.
-- `id` (default: `audio_filepath` as written, with `@offset` when the offset is non-zero, and
-  `#2`, `#3`, ... on later lines of the same segment, e.g. several instructions per recording):
-  unique across the manifests read together; the synthetic-data and preference pipelines resume
-  by id. A JSON integer is accepted and becomes its decimal string.
-- `lang`, `transcript`, `instruction`, `summary`: strings. When present they must not be blank.
-  Which of them a stage needs is the caller's `require=` (SFT: instruction + summary; data.synth:
-  transcript; KD: instruction + transcript; DPO pools: instruction + transcript).
-- NeMo's names are read as aliases: `text` (ASR manifests) for `transcript`, `context` and
-  `answer` (SpeechLLM manifests) for `instruction` and `summary`. An alias is used when its
-  field is absent or null; when both are present and differ, the field wins and the line gets
-  a warning naming the alias (FILE:LINE). Aliases are consumed: they are not kept in `extra`,
-  and rows written back carry the project's names.
-- Any other key is kept in `ManifestEntry.extra` and written back by the pipelines.
+`audio_filepath` and `duration` are required (`null`: read from the audio header), NeMo's
+names (`text`, `context`, `answer`) are read as aliases, and other keys are kept in `extra`
+and written back. Which text fields a stage needs is the caller's `require=`. `read_manifest`
+never stops at the first problem: it returns the good entries and an `Issue` naming file, line
+and field for every problem, so a user fixes a manifest in one pass. Standard library only, so
+`python -m data.check --no-audio` starts without torch.
 
-Validation never stops at the first problem: `read_manifest` returns the good entries and an
-`Issue` for every problem, each naming the file, the line and the field, e.g.
-
-    data/train.jsonl:12: field 'duration': expected a number of seconds, got 'abc' (a string)
-
-Lines that are blank are skipped. The first line may start with a UTF-8 byte-order mark.
-`max_duration` applies the maximum-duration policy of data/audio.py at read time: under
-"error" a longer entry is an issue, under "truncate" it is kept and gets a warning (an `Issue`
-with severity "warning"). Audio files themselves are checked by `data.check` (headers, and
-samples with --decode) and when the dataset loads them.
-
-This module needs only the standard library, so `python -m data.check --no-audio` starts
-without torch; only a null `duration` imports data/audio.py (soundfile, torch) to read a header.
+Details (every field, ids, aliases, the maximum-duration policy): docs/manifests.md.
 """
 from __future__ import annotations
 
@@ -163,7 +138,8 @@ def read_manifest(
     """Parse and validate one or more manifests; ids must be unique across all of them.
 
     `require`: text fields every line must have (besides audio_filepath and duration).
-    `max_duration`, `on_too_long`: the maximum-duration policy (see the module docstring).
+    `max_duration`, `on_too_long`: the maximum-duration policy of data/audio.py, applied at read
+    time: under "error" a longer entry is an error, under "truncate" it is kept with a warning.
     An entry with any error is left out of `entries`; warnings keep it.
     """
     if on_too_long not in ON_TOO_LONG:

@@ -1,1 +1,2 @@
-"""Evaluation: judges (LLM rubric; the toy world's oracle by name), DPO preference pairs, benchmark loaders, the eval runner."""
+"""Evaluation: judges (LLM rubric; the toy world's oracle by name), DPO preference pairs, benchmark
+loaders (jsonl, AMI, FLORAS), the evaluation runner (docs/evaluation.md, docs/benchmarks.md)."""

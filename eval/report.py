@@ -1,6 +1,7 @@
 """The results table of an evaluation, as the paper's Table 1 (judge score 1-7, one row per
 checkpoint, one column per benchmark) with 95% bootstrap confidence intervals, plus the
-judge-free diagnostics of every (checkpoint, benchmark), as Markdown, CSV, JSON and a plot.
+judge-free diagnostics of every (checkpoint, benchmark), as Markdown, CSV, JSON and a plot;
+`Results` holds one evaluation's cells and writes them (the files of docs/evaluation.md).
 
 Bootstrap (`bootstrap_ci`): the percentile interval of the mean. `resamples` (default 2000)
 resamples of the n per-sample scores are drawn with replacement by
@@ -24,11 +25,15 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from model.safeio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -226,3 +231,48 @@ def plot(cells, checkpoints: Sequence[str], benchmarks: Sequence[str], path: Pat
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+@dataclass
+class Results:
+    """Cells of the table: checkpoint -> benchmark -> the fields of eval.report.summarize."""
+
+    checkpoints: list[str]
+    benchmarks: list[str]
+    cells: dict[str, dict[str, dict[str, Any]]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Markdown: Table 1 (judge score, mean [95% CI]) then the diagnostics table."""
+        judge = self.settings.get("judge") or {"type": "none"}
+        label = " ".join(str(judge[k]) for k in ("type", "model") if k in judge)
+        return (f"Judge score (1-7), mean [95% bootstrap CI] (judge: {label})\n\n"
+                + score_table(self.cells, self.checkpoints, self.benchmarks)
+                + "\n\nDiagnostics (judge-free except Halluc., Adherence)\n\n"
+                + diagnostics_table(self.cells, self.checkpoints, self.benchmarks) + "\n")
+
+    def to_json(self) -> dict[str, dict[str, dict[str, Any]]]:
+        return {name: {bench: dict(self.cells[name][bench]) for bench in self.benchmarks if bench in self.cells[name]}
+                for name in self.checkpoints}
+
+    def write(self, out_dir: Path, *, with_plot: bool = True) -> dict[str, Path]:
+        """results.json / .md / .csv, diagnostics.csv, run.json and results.png (if matplotlib)."""
+        files = {
+            "json": out_dir / "results.json",
+            "markdown": out_dir / "results.md",
+            "csv": out_dir / "results.csv",
+            "diagnostics_csv": out_dir / "diagnostics.csv",
+            "settings": out_dir / "run.json",
+        }
+        atomic_write_text(files["json"], json.dumps(self.to_json(), indent=2) + "\n")
+        atomic_write_text(files["markdown"], self.table())
+        atomic_write_text(files["csv"], scores_csv(self.cells, self.checkpoints, self.benchmarks))
+        atomic_write_text(files["diagnostics_csv"], diagnostics_csv(self.cells, self.checkpoints, self.benchmarks))
+        atomic_write_text(files["settings"], json.dumps(self.settings, indent=2, default=str) + "\n")
+        if with_plot:
+            png = plot(self.cells, self.checkpoints, self.benchmarks, out_dir / "results.png")
+            if png is not None:
+                files["plot"] = png
+        self.files = files
+        return files

@@ -8,66 +8,25 @@ own checkpoints, side by side, plus judge-free diagnostics.
     results = evaluate({"sft": "runs/sft"}, {"golden3": "jsonl:data/golden3.jsonl"}, judge, "runs/eval")
     print(results.table())
 
-Checkpoints are `[NAME=]DIR` (default name: the directory's name) or `[NAME=]text:DIR`: the
-model reads the transcript through the teacher's prompt instead of hearing the audio (the
-paper's "Text" rows; the text teacher as the ceiling). Benchmarks are `[NAME=]SPEC`
-(eval/benchmarks.py; default name: the manifest's stem, "ami", "floras"). `--judge`:
-`openai:MODEL` (eval.judge.OpenAIJudge over `--judge-base-url`, key from the environment
-variable `--judge-api-key-env`, its response cache in OUT/judge_cache), `oracle` (the toy
-world's toy.oracle.OracleJudge) or `none` (diagnostics only, no judge calls).
+This module is the command line and the orchestration: per (checkpoint, benchmark) it decodes
+greedily (eval/run_decode.py), judges and diagnoses (eval/diagnostics.py) a window of items at a
+time, and aggregates the table with bootstrap intervals (eval/report.py). It is resumable:
+outputs and judgements go to append-only caches keyed on what decides them (eval/run_cache.py),
+so a rerun decodes and judges only what changed.
 
-What happens per (checkpoint, benchmark), reading the benchmark once, a window of items at a time:
-1. Decode (greedy, as the Phi-4-multimodal report evaluates): items are sorted by audio length
-   within the window (longest first) and batched (`batch_size`) through `rollout.generate`
-   with SamplingParams(max_new_tokens, temperature=0, eos_token_ids=the model's). Prompt: the
-   tokenizer's chat template with the clip's audio placeholders (`num_audio_tokens` of the
-   loaded audio); features `model.features.log_mel`; the whole recording in one pass, as the
-   paper does. The output is cut at its first EOS, decoded with special tokens skipped and
-   stripped of surrounding whitespace; `hit_max_tokens` records outputs that never ended.
-2. Judge: `judge.score(source, instruction, output)` with `source` = the item's judge_source
-   (the transcript, or the toy world's record), through `score_many` when the judge has it
-   (concurrent requests).
-3. Diagnose: eval/diagnostics.py on every output.
-Then OUT/samples/{checkpoint}/{benchmark}.jsonl gets one line per item (instruction, output,
-reference, scores, explanation, diagnostics) and the table is aggregated (eval/report.py:
-mean and seeded 95% bootstrap interval).
-
-Resuming. Outputs and judgements are separate append-only JSON-lines caches,
-OUT/outputs/{checkpoint}/{benchmark}.jsonl and OUT/judgements/{checkpoint}/{benchmark}.jsonl,
-one line per finished sample, written line by line (one write each, fsync'ed per batch). A torn
-last line (a killed run) is dropped when the file is next opened; other unreadable lines are
-skipped with a warning. A record is reused only when its key matches:
-- an output's key hashes the checkpoint's fingerprint (names, sizes and mtimes of config.json,
-  *.safetensors* and tokenizer files: retraining in place invalidates it), max_new_tokens, the
-  instruction and the audio's identity (path, offset, duration);
-- a judgement's key hashes the judge's identity, the source, the instruction and the output.
-  The identity of a judge with `config()` (OpenAIJudge) is its class and config without the
-  endpoint, cache and transport settings (model, temperature, max_tokens, json mode) plus a
-  hash of its prompt template; of any other judge (the toy world's oracle), its class and a
-  hash of the file that defines it, so editing the oracle's formula re-judges.
-So a second run decodes nothing and calls no judge, and a run with another judge re-judges
-without re-decoding. A checkpoint with nothing left to decode is never loaded. Invalid judge
-replies are kept as judged (with temperature 0 the judge would repeat them) and counted.
-
-Outputs in OUT: results.json (checkpoint -> benchmark -> the cell fields of eval/report.py),
-results.md (Table 1 and the diagnostics table), results.csv (Table 1, wide), diagnostics.csv
-(every field, one row per cell), results.png (matplotlib only), run.json (the settings).
+Details (checkpoint and judge specs, the per-item procedure, cache keys, output files):
+docs/evaluation.md.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import hashlib
-import inspect
 import json
 import logging
-import os
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -76,7 +35,9 @@ from model.safeio import atomic_write_text
 
 from .benchmarks import Benchmark, BenchmarkError, BenchmarkItem, load_benchmark
 from .diagnostics import diagnose
-from .report import RESAMPLES, SEED, diagnostics_csv, diagnostics_table, plot, score_table, scores_csv, summarize
+from .report import RESAMPLES, SEED, Results, summarize
+from .run_cache import JsonlLog, digest, judge_identity
+from .run_decode import TEXT_MODE, CheckpointDecoder, EvalError
 
 logger = logging.getLogger(__name__)
 
@@ -84,97 +45,6 @@ DEFAULT_JUDGE_URL = "https://api.openai.com/v1"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 WINDOW_BATCHES = 16  # items read ahead = batch_size * WINDOW_BATCHES (sorted by length within)
 JUDGE_CHUNK = 16  # judgements saved after every chunk
-_FINGERPRINT_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*", "*.model")
-_IDENTITY_DROPPED = ("cache_dir", "max_concurrency", "timeout_s", "retry", "api_key_env", "base_url")
-
-
-TEXT_MODE = "text:"  # a checkpoint given as text:DIR reads the transcript (the paper's "Text" rows, the teacher)
-
-
-class EvalError(ValueError):
-    """A run that cannot proceed; the message says what to fix. The CLI prints it without a traceback."""
-
-
-# ---------------------------------------------------------------------------------------------
-# crash-safe JSON-lines caches
-
-
-class JsonlLog:
-    """An append-only JSON-lines file of finished records, tolerant of a torn last line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.records: list[dict] = []
-        if not path.is_file():
-            return
-        raw = path.read_bytes()
-        if raw and not raw.endswith(b"\n"):
-            keep = raw.rfind(b"\n") + 1
-            logger.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", path, len(raw) - keep)
-            with open(path, "r+b") as handle:
-                handle.truncate(keep)
-            raw = raw[:keep]
-        for number, line in enumerate(raw.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                logger.warning("%s:%d: unreadable line skipped", path, number)
-                continue
-            if isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("key"), str):
-                self.records.append(record)
-
-    def append(self, records: Iterable[dict]) -> None:
-        records = list(records)
-        if not records:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            for record in records:
-                os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-                self.records.append(record)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def index(self) -> dict[tuple[str, str], dict]:
-        """(id, key) -> the last record with them."""
-        return {(r["id"], r["key"]): r for r in self.records}
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:20]
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints and judges
-
-
-def checkpoint_fingerprint(directory: Path) -> list[tuple[str, int, int]]:
-    """(name, size, mtime_ns) of the files that define a checkpoint's outputs."""
-    files = {p for pattern in _FINGERPRINT_PATTERNS for p in directory.glob(pattern) if p.is_file()}
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(files)]
-
-
-def judge_identity(judge) -> dict[str, Any] | None:
-    """What decides a judge's replies (module docstring); None for no judge."""
-    if judge is None:
-        return None
-    identity: dict[str, Any] = {"type": f"{type(judge).__module__}.{type(judge).__qualname__}"}
-    config = getattr(judge, "config", None)
-    if callable(config):
-        identity.update({k: v for k, v in config().items() if k not in _IDENTITY_DROPPED})
-        template = getattr(judge, "score_template", None)
-        if isinstance(template, str):
-            identity["score_template"] = hashlib.sha256(template.encode()).hexdigest()[:16]
-        return identity
-    try:  # a local judge (the toy world's oracle): its code is its identity
-        identity["source_sha"] = hashlib.sha256(Path(inspect.getfile(type(judge))).read_bytes()).hexdigest()[:16]
-    except (TypeError, OSError):  # defined in a REPL or notebook: no file to hash; the class name identifies it
-        return identity
-    return identity
 
 
 def make_judge(spec: str, *, base_url: str = DEFAULT_JUDGE_URL, api_key_env: str | None = "OPENAI_API_KEY",
@@ -203,154 +73,6 @@ def _score_all(judge, triples: list[tuple[str, str, str]]):
     if callable(score_many):
         return list(score_many(triples))
     return [judge.score(*triple) for triple in triples]
-
-
-class CheckpointDecoder:
-    """Greedy decoding of benchmark items with one checkpoint, loaded on first use."""
-
-    def __init__(self, directory: Path, *, max_new_tokens: int, device: str | torch.device, dtype=None,
-                 text_mode: bool = False, encoder_cache: str | Path | None = None):
-        self.directory = directory
-        self.text_mode = text_mode  # read the transcript instead of hearing the audio (teacher prompt)
-        self.max_new_tokens = max_new_tokens
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.encoder_cache = encoder_cache
-        self.fingerprint = checkpoint_fingerprint(directory)
-        self.model = None
-        self.tokenizer = None
-        self.loads = 0
-
-    def key(self, item: BenchmarkItem) -> str:
-        if self.text_mode:
-            return _digest({"checkpoint": self.fingerprint, "max_new_tokens": self.max_new_tokens, "mode": "text",
-                            "instruction": item.instruction, "transcript": item.transcript})
-        return _digest({"checkpoint": self.fingerprint, "max_new_tokens": self.max_new_tokens,
-                        "instruction": item.instruction, "audio": item.audio_key()})
-
-    def _load(self) -> None:
-        from model import load_pretrained
-        from model.tokenizer import load_tokenizer
-
-        logger.info("loading %s", self.directory)
-        model = load_pretrained(self.directory, dtype=self.dtype, device=self.device)
-        if model.config.encoder is None and not self.text_mode:
-            raise EvalError(f"{self.directory}: this checkpoint has no speech encoder (config.encoder is None); "
-                            "the benchmarks need a speech model")
-        tokenizer = load_tokenizer(self.directory)
-        if not self.text_mode and tokenizer.audio_token_id != model.config.audio_token_id:
-            raise EvalError(f"{self.directory}: the tokenizer's audio placeholder id {tokenizer.audio_token_id} is not "
-                            f"the model's ({model.config.audio_token_id}); use the checkpoint's own tokenizer")
-        if self.encoder_cache is not None and model.encoder is not None and not self.text_mode:
-            from model.encoder_cache import EncoderOutputCache
-
-            model.encoder.requires_grad_(False)
-            model.encoder_cache = EncoderOutputCache(self.encoder_cache, model.encoder)
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.loads += 1
-
-    def close(self) -> None:
-        if self.model is not None and self.model.encoder_cache is not None:
-            logger.info("%s: %s", self.directory, self.model.encoder_cache.summary())
-            self.model.encoder_cache.record_usage(f"eval.run {self.directory}")
-        self.model = self.tokenizer = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def decode(self, items: Sequence[BenchmarkItem]) -> list[dict[str, Any]]:
-        """Greedy outputs of a batch: [{"output", "num_tokens", "hit_max_tokens"}] in item order."""
-        from model.features import log_mel_batch, num_audio_tokens
-
-        if self.model is None:
-            self._load()
-        tokenizer = self.tokenizer
-        if self.text_mode:
-            from rollout.teachers import teacher_prompt_ids
-
-            prompts = [torch.tensor(teacher_prompt_ids(tokenizer, item.transcript, item.instruction)) for item in items]
-            return self._generate(prompts, None, None)
-        waveforms = []
-        for item in items:
-            try:
-                waveforms.append(item.load_waveform())
-            except ValueError as error:  # data.audio.AudioError and BenchmarkError
-                raise EvalError(f"benchmark item {item.id!r}: {error}") from None
-        features, lengths = log_mel_batch(waveforms)  # (B, frames, 80), (B,)
-        prompts = [torch.tensor(tokenizer.build_chat_prompt(item.instruction,
-                                                            num_audio_tokens=[num_audio_tokens(len(w))]).input_ids)
-                   for item, w in zip(items, waveforms)]
-        return self._generate(prompts, features.to(self.device), lengths.to(self.device))
-
-    def _generate(self, prompts, features, lengths) -> list[dict[str, Any]]:
-        from rollout.sampler import SamplingParams, generate
-
-        model, tokenizer = self.model, self.tokenizer
-        limit = model.config.decoder.max_position_embeddings
-        longest = max(len(p) for p in prompts)
-        if longest + self.max_new_tokens > limit:
-            raise EvalError(f"a prompt of {longest} tokens + max_new_tokens {self.max_new_tokens} exceeds the context "
-                            f"of {self.directory} ({limit} positions); lower --max-new-tokens or shorten the audio")
-        eos = tuple(model.config.decoder.eos_token_ids)
-        params = SamplingParams(self.max_new_tokens, temperature=0.0, eos_token_ids=eos, seed=0)
-        rollout = generate(model, prompts, params, audio_features=features, audio_lengths=lengths)
-        results = []
-        for row in range(len(prompts)):
-            ids = rollout.tokens[row, : int(rollout.lengths[row])].tolist()
-            ended = next((i for i, token in enumerate(ids) if token in eos), None)
-            kept = ids if ended is None else ids[:ended]
-            results.append({"output": tokenizer.decode(kept, skip_special=True).strip(), "num_tokens": len(kept),
-                            "hit_max_tokens": ended is None})
-        return results
-
-
-# ---------------------------------------------------------------------------------------------
-# results
-
-
-@dataclass
-class Results:
-    """Cells of the table: checkpoint -> benchmark -> the fields of eval.report.summarize."""
-
-    checkpoints: list[str]
-    benchmarks: list[str]
-    cells: dict[str, dict[str, dict[str, Any]]]
-    settings: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def table(self) -> str:
-        """Markdown: Table 1 (judge score, mean [95% CI]) then the diagnostics table."""
-        judge = self.settings.get("judge") or {"type": "none"}
-        label = " ".join(str(judge[k]) for k in ("type", "model") if k in judge)
-        return (f"Judge score (1-7), mean [95% bootstrap CI] (judge: {label})\n\n"
-                + score_table(self.cells, self.checkpoints, self.benchmarks)
-                + "\n\nDiagnostics (judge-free except Halluc., Adherence)\n\n"
-                + diagnostics_table(self.cells, self.checkpoints, self.benchmarks) + "\n")
-
-    def to_json(self) -> dict[str, dict[str, dict[str, Any]]]:
-        return {name: {bench: dict(self.cells[name][bench]) for bench in self.benchmarks if bench in self.cells[name]}
-                for name in self.checkpoints}
-
-    def write(self, out_dir: Path, *, with_plot: bool = True) -> dict[str, Path]:
-        """results.json / .md / .csv, diagnostics.csv, run.json and results.png (if matplotlib)."""
-        files = {
-            "json": out_dir / "results.json",
-            "markdown": out_dir / "results.md",
-            "csv": out_dir / "results.csv",
-            "diagnostics_csv": out_dir / "diagnostics.csv",
-            "settings": out_dir / "run.json",
-        }
-        atomic_write_text(files["json"], json.dumps(self.to_json(), indent=2) + "\n")
-        atomic_write_text(files["markdown"], self.table())
-        atomic_write_text(files["csv"], scores_csv(self.cells, self.checkpoints, self.benchmarks))
-        atomic_write_text(files["diagnostics_csv"], diagnostics_csv(self.cells, self.checkpoints, self.benchmarks))
-        atomic_write_text(files["settings"], json.dumps(self.settings, indent=2, default=str) + "\n")
-        if with_plot:
-            png = plot(self.cells, self.checkpoints, self.benchmarks, out_dir / "results.png")
-            if png is not None:
-                files["plot"] = png
-        self.files = files
-        return files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,11 +112,11 @@ def evaluate(
     with_plot: bool = True,
     encoder_cache: str | Path | None = None,
 ) -> Results:
-    """Decode, judge and diagnose every (checkpoint, benchmark); resumable (module docstring).
+    """Decode, judge and diagnose every (checkpoint, benchmark); resumable (docs/evaluation.md).
 
     `checkpoints`: name -> directory; `benchmarks`: name -> spec or Benchmark; `judge`: a
-    eval.judge.Judge or None (diagnostics only). Writes the files listed in the module
-    docstring under `out_dir` and returns the Results. `encoder_cache`: a folder of frozen-encoder
+    eval.judge.Judge or None (diagnostics only). Writes the files listed in docs/evaluation.md
+    under `out_dir` and returns the Results. `encoder_cache`: a folder of frozen-encoder
     outputs (model/encoder_cache.py) shared by the audio checkpoints: a clip is encoded once per
     distinct encoder, whatever the number of checkpoints that share it.
     """
@@ -415,7 +137,7 @@ def evaluate(
         _check_name(name, "benchmark")
         loaded[name] = spec if isinstance(spec, Benchmark) else load_benchmark(spec, name=name)
     identity = judge_identity(judge)
-    judge_key = None if identity is None else _digest(identity)
+    judge_key = None if identity is None else digest(identity)
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for ckpt_name, directory in checkpoints.items():
         decoder = CheckpointDecoder(Path(directory.removeprefix(TEXT_MODE)), max_new_tokens=max_new_tokens,
@@ -425,7 +147,7 @@ def evaluate(
             for bench_name, benchmark in loaded.items():
                 samples = _run_pair(ckpt_name, bench_name, benchmark, decoder, judge, judge_key, out, batch_size)
                 atomic_write_text(out / "samples" / ckpt_name / f"{bench_name}.jsonl",
-                              "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+                                  "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
                 cells.setdefault(ckpt_name, {})[bench_name] = summarize(samples, resamples=resamples, seed=seed)
         finally:
             decoder.close()
@@ -472,8 +194,8 @@ def _run_pair(ckpt_name: str, bench_name: str, benchmark: Benchmark, decoder: Ch
             logger.info("%s / %s: decoded %d", ckpt_name, bench_name, decoded)
         texts = {item.id: outputs[(item.id, keys[item.id])]["output"] for item in window}
         if judge is not None:
-            verdict_keys = {item.id: _digest({"judge": judge_key, "source": item.judge_source,
-                                              "instruction": item.instruction, "output": texts[item.id]})
+            verdict_keys = {item.id: digest({"judge": judge_key, "source": item.judge_source,
+                                             "instruction": item.instruction, "output": texts[item.id]})
                             for item in window}
             pending = [item for item in window if (item.id, verdict_keys[item.id]) not in judgements]
             for start in range(0, len(pending), JUDGE_CHUNK):

@@ -9,7 +9,6 @@ the old directory that save_pretrained does not own (a tokenizer, notes).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from .checkpoint import INDEX_FILE, ours_to_native
 from .config import SpeechLMConfig
 from .lora import lora_modules
-from .safeio import atomic_save_safetensors, atomic_write_text
+from .safeio import atomic_save_safetensors, atomic_write_text, replace_directory
 from .speech_lm import SpeechLM
 
 
@@ -95,13 +94,7 @@ def save_pretrained(model: SpeechLM, path, *, max_shard_bytes: int = 5 * 1024**3
         for item in path.iterdir():
             if not _owned_by_save(item.name):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-    # swap directories: a crash leaves either the old checkpoint or the new one, never a mix
-    old = path.with_name(f".old-{path.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, path)  # a crash leaves either the old checkpoint or the new one, never a mix
 
 
 def _owned_by_save(name: str) -> bool:

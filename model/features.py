@@ -18,21 +18,10 @@ little next to the memory traffic, which we cut by working on blocks of frames t
 cache, by pre-emphasising the signal once instead of every frame (bit-identical: each sample
 sees the same float32 operations), and by padding to 512 once per buffer.
 
-Input conventions (what the references expect, and our choices where they are silent):
-- Float audio in [-1, 1) (soundfile's default), float16/bfloat16/float32/float64. The references
-  scale by 32768 themselves. int16 is divided by 32768 and int32 by 2**31 (full-scale PCM);
-  transformers would cast int16 to float unscaled, i.e. features 2 ln(32768) ~ 20.8 too large.
-  Other dtypes (int64, uint8, bool, complex) are rejected: their scale is ambiguous.
-- Stereo is 2-D [samples, channels] (soundfile's layout, the one both references average with
-  `mean(1)` / `mean(-1)`), downmixed by the mean. A 2-D array with more columns than rows looks
-  like [channels, samples] and is rejected with a hint rather than silently averaged.
-- Other sample rates are resampled to 16 kHz with a windowed-sinc resampler (Hann window,
-  6 zero crossings, roll-off 0.99: torchaudio's `resample` defaults), torchaudio's own when it is
-  importable, else the pure-torch polyphase port below; the two agree to float rounding.
-  The speechlib original instead decimates by `fs // 16000` (44.1 kHz -> 22.05 kHz, mislabelled
-  16 kHz) and keeps 8 kHz audio at 8 kHz with zeroed upper bins; we resample properly.
-- Features are inputs, not parameters: computed without autograd, float32, on the input's
-  device (numpy input: CPU; MPS, which has no float64, computes on the CPU and hands back).
+Input: float audio in [-1, 1) or int16/int32 PCM (scaled to full scale), mono or
+[samples, channels] (downmixed by the mean), any sample rate (resampled to 16 kHz with
+torchaudio's windowed-sinc defaults); features are float32, without autograd, on the input's
+device. What the references expect and our choices where they are silent: docs/features.md.
 
 Filterbanks (`filterbank=`):
 - "speechlib" (default): `speechlib_mel(16000, 512, 80, fmax=7690)` of the original remote code,
@@ -124,7 +113,7 @@ def _constants(filterbank: str, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 def log_mel(waveform, sample_rate: int = SAMPLE_RATE, *, filterbank: str = "speechlib") -> torch.Tensor:
-    """Log-mel features (frames, 80) float32 of one clip; see the module docstring.
+    """Log-mel features (frames, 80) float32 of one clip: the module docstring's computation.
 
     `waveform`: numpy array or torch tensor, 1-D mono or 2-D [samples, channels];
     `sample_rate`: its rate in Hz (resampled to 16 kHz when different).
@@ -258,7 +247,8 @@ def _resampled_length(num_samples: int, orig_sr: int, new_sr: int = SAMPLE_RATE)
 
 
 def _prepare(waveform, sample_rate) -> torch.Tensor:
-    """Validate any accepted input and return mono float32 (samples,) at 16 kHz."""
+    """Validate any accepted input and return mono float32 (samples,) at 16 kHz (the input
+    conventions of docs/features.md)."""
     sample_rate = _check_sample_rate(sample_rate)
     if isinstance(waveform, np.ndarray):
         if waveform.dtype not in _NUMPY_DTYPES:

@@ -2,12 +2,14 @@
 
 Each writer writes a sibling temporary file, flushes it to disk and renames it over the
 target (rename is atomic on POSIX file systems), so an interrupted save never leaves a
-truncated checkpoint behind.
+truncated checkpoint behind. `atomic_write` takes any writer of a path (a WAV, a torch state
+file); `replace_directory` swaps a whole directory built beside its target.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,15 +19,26 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger(__name__)
 
 
-def _atomic_write(target: str | Path, write) -> None:
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()  # what open() would create: mkstemp's 0600 is for its own secrecy
+
+
+def atomic_write(target: str | Path, write) -> None:
     """`write(temporary path)` fills a unique sibling temporary file (`.NAME.*.tmp`, so two
-    writers of one target never share one); it is fsync'ed and renamed over `target`, or
-    removed when anything fails."""
+    writers of one target never share one; the path is a string ending in `.tmp`, so a writer
+    that infers a format from the suffix must be told it); it is fsync'ed and renamed over
+    `target`, or removed when anything fails."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     try:
+        os.chmod(tmp, FILE_MODE)
         write(tmp)
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
@@ -37,15 +50,29 @@ def _atomic_write(target: str | Path, write) -> None:
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], target: str | Path, metadata: dict | None = None) -> None:
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    _atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def atomic_write_bytes(target: str | Path, data: bytes) -> None:
-    _atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(target: str | Path, text: str) -> None:
-    _atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def replace_directory(staged: str | Path, target: str | Path) -> None:
+    """Put the finished directory `staged` (a sibling of `target`) in place of `target`, whole:
+    `target`, when it exists, is renamed aside to `.old-NAME`, `staged` is renamed onto `target`,
+    then the old one is deleted. A crash leaves the old directory or the new one, never a mix of
+    the two (between the two renames, the old one under `.old-NAME`)."""
+    staged, target = Path(staged), Path(target)
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staged, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class TensorStore:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from .checkpoint import INDEX_FILE, CheckpointError, checkpoint_files, classify_
 from .checkpoint_save import write_safetensors
 from .lora import lora_modules
 from .native_extras import SPEECH_LORA_DIR
-from .safeio import atomic_save_safetensors, atomic_write_text
+from .safeio import atomic_save_safetensors, atomic_write_text, replace_directory
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
 HUB_TARGET_MODULES = r"model.layers.\d+.((self_attn.(qkv|o)_proj)|(mlp.(gate_up|down)_proj))"
@@ -200,12 +199,7 @@ def _write_directory(source: Path, out: Path, config: dict, tensors: dict, rank:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(out.resolve()),
         "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none", "target_modules": HUB_TARGET_MODULES,
         "fan_in_fan_out": False, "inference_mode": True}, indent=2))
-    old = out.with_name(f".old-{out.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out)
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,8 @@
 """Tokenizers and the Phi-4MM chat prompt builder.
 
-One small protocol, `Tokenizer`, with two implementations:
-
-* `SentencePieceTokenizer` wraps a SentencePiece `.model` file; the toy models use it, trained
-  by `train_sentencepiece` on the toy world's own text;
-* `HFTokenizer` reads a Hugging Face `tokenizer.json` (the real Phi-4-multimodal-instruct
-  checkpoint ships one) through the optional `tokenizers` package
-  (`pip install speechsum[phi4mm]`). transformers is never imported here.
+One small protocol, `Tokenizer`, with two implementations: `SentencePieceTokenizer` (a `.model`
+file; the toy models) and `HFTokenizer` (a Hugging Face `tokenizer.json`, as the real checkpoint
+ships, through the optional `tokenizers` package; transformers is never imported here).
 
 Chat template (the original Phi-4MM one; the tokenizer adds no BOS, as in Phi-4-mini):
 
@@ -22,21 +18,10 @@ splits on added tokens before encoding the text between them (the tests check th
 transformers). `<|endoftext|>` after `<|end|>` is the answer suffix of the Phi-4MM fine-tuning
 script; `build_chat_prompt(..., add_eos=True)` adds it for training targets.
 
-Special tokens are looked up by name (`SPECIAL_TOKENS`), never hard-coded ids:
-
-    name        token              real id   toy id (train_sentencepiece)
-    endoftext   <|endoftext|>      199999    2   (SentencePiece's eos piece)
-    audio       <|endoftext11|>    200011    4
-    assistant   <|assistant|>      200019    5
-    end         <|end|>            200020    6
-    user        <|user|>           200021    7
-    system      <|system|>         200022    8
-
-The toy model also has `<pad>` 0, `<s>` 1 (bos, unused by the template) and `<unk>` 3; its
-user-defined symbols follow in the order of the real ids. `eos_token_ids` is
-(endoftext, end), as in Phi-4MM's generation config. `config_token_ids(tokenizer)` returns the
-ids a model config needs (vocab size, bos, eos, pad, audio placeholder), so the toy config is
-built from the tokenizer rather than the other way round.
+Special tokens are looked up by name (`SPECIAL_TOKENS`), never hard-coded ids; `eos_token_ids`
+is (endoftext, end), as in Phi-4MM's generation config, and `config_token_ids(tokenizer)` gives
+the ids a model config needs, so the toy config is built from the tokenizer. The ids of both
+vocabularies and the backends: docs/tokenizer.md.
 
 Text that contains a special token literally (e.g. "<|end|>") is encoded as that special token
 by both backends, as transformers does; callers that take untrusted text should strip them.
@@ -50,13 +35,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 # In the order of the real ids; train_sentencepiece gives the toy ids in the same order.
-SPECIAL_TOKENS: dict[str, str] = {
-    "endoftext": "<|endoftext|>",
-    "audio": "<|endoftext11|>",
-    "assistant": "<|assistant|>",
-    "end": "<|end|>",
-    "user": "<|user|>",
-    "system": "<|system|>",
+SPECIAL_TOKENS: dict[str, str] = {  # name -> token; real id / toy id (docs/tokenizer.md)
+    "endoftext": "<|endoftext|>",  # 199999 / 2 (SentencePiece's eos piece)
+    "audio": "<|endoftext11|>",  # 200011 / 4
+    "assistant": "<|assistant|>",  # 200019 / 5
+    "end": "<|end|>",  # 200020 / 6
+    "user": "<|user|>",  # 200021 / 7
+    "system": "<|system|>",  # 200022 / 8
 }
 
 INSTALL_HINT = "pip install speechsum[phi4mm]"
@@ -247,7 +232,7 @@ def train_sentencepiece(
     """Train a toy SentencePiece model on `texts` and write it to `{model_prefix}.model`.
 
     Ids: `<pad>` 0, `<s>` 1, `<|endoftext|>` 2 (eos), `<unk>` 3, then the chat special tokens as
-    user-defined symbols (fixed ids 4-8, see the module docstring), then the learned pieces.
+    user-defined symbols (fixed ids 4-8, SPECIAL_TOKENS), then the learned pieces.
     Normalisation is the identity, whitespace is kept and no dummy prefix is added, so
     `decode(encode(text)) == text` for text made of characters seen in training (others become
     `<unk>` unless `byte_fallback`, which spends 256 ids on bytes). One thread, no sampling of the

@@ -3,15 +3,9 @@
     rollout = generate(model, prompts, SamplingParams(max_new_tokens=256, eos_token_ids=(200020,)),
                        audio_features=features, audio_lengths=lengths)
 
-How it runs (gpt-fast style, one model forward for prefill and decode):
-1. Prompts of different lengths are left-padded into one (B, P) batch with an attention mask,
-   so every row writes the static KV cache at the same slot.
-2. Prefill: the audio is encoded once per clip, the whole prompt runs through the decoder
-   once per prompt; only the last position's logits are computed. With `num_samples` N > 1
-   the prompt's cache rows are then copied N times (no second prefill, no second encoding).
-3. Decode: one token per step for all B*N rows. A row that emits any EOS id stops: its later
-   slots hold `pad_token_id` and are masked out. The host checks "all rows stopped?" every
-   `stop_check_interval` steps only, so the loop does not synchronise on every token.
+Left-padded prompts share one static KV cache; the audio is encoded and the prompt prefilled
+once per prompt, whatever `num_samples`; decoding stops a row at its first EOS and checks for
+the end of the batch only every `stop_check_interval` steps. The procedure: docs/sampling.md.
 
 Sampling. The audio placeholder id is never sampled (a response holding it would be read as
 audio by the next forward). Logits are divided by the temperature, then top-k (exactly k tokens kept, ties
@@ -183,7 +177,7 @@ def generate(
     stop_check_interval: int = 8,
     cancelled: Callable[[], bool] | None = None,
 ) -> Rollout:
-    """Sample `params.num_samples` continuations of every prompt; see the module docstring.
+    """Sample `params.num_samples` continuations of every prompt (module docstring; docs/sampling.md).
     `cancelled()` is asked at every stop check: True ends the call with `GenerationCancelled`
     (a server whose client has gone, or whose deadline has passed)."""
     decoder = model.decoder

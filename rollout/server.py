@@ -3,64 +3,20 @@
     python -m rollout.server --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api-key-env VAR]
                              [--served-model-name NAME] [--device cpu] [--dtype float32]
 
-The model is served in text mode: prompts are text or token ids, never audio (a SpeechLM with a
-speech encoder answers from its decoder; an audio placeholder id in a token prompt is embedded as
-a plain token). That is what a teacher or judge reading transcripts needs.
-
-Standard library only (http.server); the model runs on one thread at a time (a lock around
-every model call, see Load below), connections are served by ThreadingHTTPServer. DIR is a
-checkpoint of `model.save_pretrained` plus its tokenizer (`tokenizer.json` or `tokenizer.model`
-next to config.json; `model.tokenizer.load_tokenizer(DIR)` reads either). `--port 0` picks a free port;
-the first line on stdout is `speechsum server: serving NAME at http://HOST:PORT/v1`. With
-`--api-key-env VAR` every /v1 request must send `Authorization: Bearer $VAR` (the value is
-read from the environment, never logged). The server binds loopback unless told otherwise.
-
-Endpoints (request and response shapes follow OpenAI's API; extensions follow vLLM):
-* GET /v1/models, GET /v1/models/{name}, GET /health.
-* POST /v1/completions: `prompt` as a string, a list of strings, a list of token ids or a list of
-  lists of token ids; `max_tokens` (default 16, 0 allowed: no generation), `temperature`
-  (0 = greedy), `top_p`, `top_k` (vLLM extension; -1 or 0 = off), `n`, `seed`, `stop` (strings;
-  the text is cut before the first stop string, the tokens after the one that completes it),
-  `stop_token_ids` (extension), `echo`, `logprobs` (0-20), `prompt_logprobs` (0-20, vLLM
-  extension, via extra_body). EOS ids of the tokenizer always stop.
-  - `logprobs`: the legacy format, `choices[i].logprobs` = {tokens, token_logprobs, top_logprobs
-    (dicts token string -> logprob: the top n plus the chosen token, as vLLM), text_offset}, over
-    the prompt too when `echo` (first entry null). Non-standard extras, added because token
-    strings are ambiguous: `token_ids` (the id of every token) and `top_logprobs_by_id` (the
-    same dicts keyed by token id, as a string).
-  - `prompt_logprobs`: vLLM's format, `choices[i].prompt_logprobs` = [null, {token_id (string):
-    {"logprob", "rank", "decoded_token"}}, ...] with the top n plus the prompt token at each
-    position (rank 1-based over the whole vocabulary), and `choices[i].prompt_token_ids`.
-* POST /v1/chat/completions: `messages` (roles system / user / assistant, text content as a string
-  or a list of {"type": "text"} parts) through the Phi-4MM chat template
-  (`<|role|>{content}<|end|>` per message, then `<|assistant|>`; one user turn gives exactly
-  `tokenizer.build_chat_prompt`), `max_tokens` / `max_completion_tokens` (default 256),
-  `temperature`, `top_p`, `n`, `seed`, `stop`, `logprobs` (bool) and `top_logprobs` (0-20) in
-  the chat format (`choices[i].logprobs.content[j]` = {token, logprob, bytes, top_logprobs}).
-  `response_format` is accepted and not enforced.
-Log-probabilities are those of the raw model (temperature 1, no top-k/top-p), as vLLM reports
-them, from one teacher-forced forward over prompt + completion; -inf is sent as -9999.0 (JSON
-has no infinity). Not supported (an error says so): streaming, tools, audio or image content,
-penalties, logit_bias, suffix, best_of != n.
-
-Robustness: bodies need a Content-Length (411 otherwise) no larger than `--max-body-bytes`
-(413, refused before reading); a client that stalls mid-request is dropped after
-`--read-timeout` seconds (408); malformed JSON, wrong types and out-of-range values get 400
-with an OpenAI-style body {"error": {"message", "type", "param", "code"}}; unknown paths 404,
-wrong methods 405, unknown model 404, a missing or wrong key 401; a lone surrogate anywhere in
-the body, or a stop id outside the vocabulary, is a 400 too. An unexpected exception while
-handling a request is logged and answered with 500; the server keeps serving.
+The model is served in text mode: prompts are text or token ids, never audio. That is what a
+teacher or judge reading transcripts needs: /v1/completions scores supplied token ids with
+vLLM's `prompt_logprobs`, so a checkpoint of this project can be a KD teacher, and
+/v1/chat/completions applies the Phi-4MM chat template, so it can be a judge. Standard library
+only; the model runs one call at a time, a bounded number of requests may wait for it (one more
+gets 503), and a request whose client hangs up or that outlives its deadline is cancelled.
 
 Layout: this file is the HTTP layer (routing, auth, body limits, error bodies, the command
 line); rollout/server_requests.py validates requests (every field's type and range, the chat
 template, deadlines and cancellation); rollout/server_service.py is the model behind the
 endpoints (`ModelService`, `load_service`).
 
-Load: at most `--max-queue` (8) generation requests run or wait for the model at once; one
-more is answered 503 with `Retry-After: 1` at once, so no request queues behind more than
-that. A request whose client closes its connection is cancelled, while it waits for the model
-or within one decode chunk (8 tokens) of generating, and gets no answer; one still waiting or
-generating after `--request-timeout` seconds (600; 0: none) is cancelled with a 503.
+Details (endpoints and their wire formats, error statuses, load and cancellation):
+docs/server.md.
 """
 import argparse
 import hmac

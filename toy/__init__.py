@@ -18,18 +18,21 @@ minutes on a CPU. Modules, one job each:
   corpus.py    splits (pretrain ASR, teacher text, SFT, KD pool, DPO pool, validation with
                training and with unseen voices, tests: in-domain, unseen voices, unseen voices
                and phrasings), manifests with `judge_source`, the seeded, crash-safe cache
+               (docs/toy-world.md)
   encoder_ctc.py  the speech encoder alone, trained as a CTC recognizer (its first
                pre-training step)
   pretrain.py  the tokenizer, the text teacher, the encoder, then the student at its
                pre-training stage (`make pretrain-toy`; the project ships the result in
-               toy/checkpoints/)
+               toy/checkpoints/); loop_state.py: the schedule and resumable state its loops share
   oracle.py    the judge that scores against the records (the stand-in for the GPT-4.1
                judge, section 3.4, and for the DPO preference judge, section 2.3)
   demo.py      `make demo`: SFT -> on-policy KD -> DPO through the user's entry points
                (train.sft / train.kd / train.dpo / eval.preferences / rollout.server / eval.run)
-               with configs/toy/demo_*.toml, ablations included, stages reused on a rerun
+               with configs/toy/demo_*.toml, ablations included (docs/demo.md)
+  demo_schedule.py  the demo's stage scheduler: stages side by side, stages reused on a rerun
   report.py    results/toy/REPORT.md, results.json, results.png, every claim of the paper
-               checked against the measured numbers
+               checked against the measured numbers; the tables are report_tables.py, the
+               claims' verdicts report_verdicts.py
 
 Departures from the paper's setting, all forced by a CPU budget and all written where they act:
 the models are tiny (the student: hidden 128, 4 layers, encoder hidden 96, 2 blocks; the

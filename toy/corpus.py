@@ -5,47 +5,15 @@
     corpus_dir = build_corpus(seed=0, sizes=PRESETS["demo"])   # -> cache/toy/corpus-<key>/
     texts = training_texts(corpus_dir)                          # the tokenizer's training text
 
-Splits (meetings are disjoint across splits; `Sizes` gives the counts):
-  pretrain      ASR rows, one per dialogue turn (offset + duration into the meeting's WAV),
-                instruction `ASR_INSTRUCTION`, summary = transcript = the turn's words: the
-                stand-in for Phi-4MM's pre-training stage that aligns encoder and projector
-                with the decoder by speech recognition.
-  teacher       the pretrain meetings with instructions and references, for the text-only
-                teacher (transcript + instruction -> reference; it never hears the audio).
-  sft           instructions with references (paper section 2.1).
-  kd            audio + instruction + transcript, no reference (section 2.2: the teacher reads
-                the transcript, the student the audio).
-  dpo           audio + instruction + transcript, no reference (section 2.3).
-  validation    training voices and phrasings, with references: every choice of size, steps or
-                learning rate (pre-training, the demo's configs) is made on it, never on a test.
-  validation_voices  unseen voices, training phrasings: the pre-training stage's check of
-                how its recognizer carries to voices it never heard (a validation split too).
-  test_in       in-domain test: training voices and phrasings, with references.
-  test_voices   unseen voices (toy/speech.py `voice_pool("unseen")`), training phrasings.
-  test_shifted  unseen voices and phrasings (dialogue and instructions) never used in
-                training: the hard zero-shot case.
-  The test splits are read by the final evaluation only.
-  text          (no audio, no manifest) `text_items`: more meetings as text, for the text-only
-                training of toy/pretrain.py; text is cheap, audio is not.
+The splits mirror the paper's data: ASR rows for the pre-training stage, text for the teacher,
+SFT rows with references, KD and DPO pools without, a validation split on which every choice is
+made, and three test splits (training voices, unseen voices, unseen voices and phrasings) read
+by the final evaluation only. Every instruction row carries `judge_source`, the meeting record
+and task the oracle judge (toy/oracle.py) scores against. Each meeting is seeded on its own, so
+it does not depend on the sizes of the other splits; a build is cached under a key of (seed,
+GENERATOR_VERSION, sizes) and resumes after an interruption.
 
-Every instruction row carries `judge_source` (JSON {"meeting": record, "task": {family,
-params}}, read by toy/oracle.py through the evaluation runner's `jsonl:` loader), `family`,
-`format` and `requested_length` (the oracle's format and word limit, toy/tasks.py `spec`,
-in the form eval/diagnostics.py reads; the brief family's 80 words are implicit in its
-instruction), `meeting_id` and `split`. Instruction families and references: toy/tasks.py; per meeting,
-`Sizes.instructions` distinct families.
-
-Determinism: every meeting has its own random streams, seeded by strings
-"{seed}/{split}/{index}/{purpose}" (Python's `random.Random` seeds strings through SHA-512,
-independent of PYTHONHASHSEED), so a meeting does not depend on the sizes of the other splits
-or on the order of generation; espeak-ng is deterministic (toy/speech.py).
-
-Cache: `{root}/corpus-{key}` with key = SHA-256 of (seed, GENERATOR_VERSION, sizes), first 12
-hex digits. A build writes into `corpus-{key}.partial/`: each meeting's WAV and its segment
-times (`audio/{id}.json`) are written to a temporary file and renamed, so an interrupted build
-resumes where it stopped; the manifests and `corpus.json` (statistics) come last and the
-folder is renamed to `corpus-{key}` only when complete. A finished corpus is reused as is.
-Bump GENERATOR_VERSION whenever the output for a seed changes.
+Details (every split, the row fields, determinism, the cache): docs/toy-world.md.
 """
 from __future__ import annotations
 
@@ -54,7 +22,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from collections import Counter
@@ -62,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from model.safeio import atomic_write, atomic_write_text, replace_directory
 
 from .dialogue import Turn, render_dialogue, transcript
 from .tasks import Task, instruction, reference, sample_tasks, spec
@@ -97,7 +66,8 @@ class Sizes:
 
 PRESETS = {
     "demo": Sizes(),
-    "quick": Sizes(pretrain=24, sft=16, kd=8, dpo=8, validation=4, validation_voices=2, test_in=6, test_voices=4, test_shifted=6, instructions=2),
+    "quick": Sizes(pretrain=24, sft=16, kd=8, dpo=8, validation=4, validation_voices=2, test_in=6, test_voices=4,
+                   test_shifted=6, instructions=2),
 }
 
 
@@ -168,8 +138,9 @@ def judge_source(planned: PlannedMeeting, item: Item) -> str:
     return json.dumps({"meeting": planned.meeting.to_dict(), "task": item.task.to_dict()}, sort_keys=True)
 
 
-def manifest_rows(planned: PlannedMeeting, duration: float, segments: list[tuple[float, float]]) -> dict[str, list[dict]]:
-    """The manifest rows of one meeting, by manifest name (module docstring)."""
+def manifest_rows(planned: PlannedMeeting, duration: float,
+                  segments: list[tuple[float, float]]) -> dict[str, list[dict]]:
+    """The manifest rows of one meeting, by manifest name (docs/toy-world.md, "Rows")."""
     audio = f"audio/{planned.id}.wav"
     rows = []
     for j, item in enumerate(planned.items):
@@ -197,12 +168,6 @@ def corpus_key(seed: int, sizes: Sizes) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _write_atomic(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(temporary)
-    os.replace(temporary, path)
-
-
 def _render_audio(planned: PlannedMeeting, folder: Path, seed: int) -> tuple[float, list[tuple[float, float]]]:
     """Render (or reuse) one meeting's WAV; returns (duration, turn segments)."""
     from .speech import assign_voices, render_speech, write_wav
@@ -214,10 +179,10 @@ def _render_audio(planned: PlannedMeeting, folder: Path, seed: int) -> tuple[flo
     voices = assign_voices(planned.meeting.participants, planned.voice_set,
                            _rng(seed, planned.split, planned.index, "voices"))
     speech = render_speech(planned.turns, voices, _rng(seed, planned.split, planned.index, "audio"))
-    _write_atomic(wav, lambda p: write_wav(p, speech.waveform))
+    atomic_write(wav, lambda p: write_wav(p, speech.waveform))
     info = {"duration": speech.waveform.shape[0] / 16000, "segments": speech.segments,
             "voices": {name: asdict(v) for name, v in voices.items()}, "noise_snr_db": speech.noise_snr_db}
-    _write_atomic(sidecar, lambda p: p.write_text(json.dumps(info)))
+    atomic_write_text(sidecar, json.dumps(info))
     return info["duration"], info["segments"]
 
 
@@ -268,12 +233,10 @@ def build_corpus(seed: int = 0, sizes: Sizes = PRESETS["demo"], root: str | Path
         if name != "pretrain":
             stats["splits"][name]["families"] = dict(sorted(Counter(r["family"] for r in rows).items()))
         text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-        _write_atomic(partial / f"{name}.jsonl", lambda p, text=text: p.write_text(text))
+        atomic_write_text(partial / f"{name}.jsonl", text)
     stats["generation_seconds"] = round(time.perf_counter() - started, 1)
-    _write_atomic(partial / "corpus.json", lambda p: p.write_text(json.dumps(stats, indent=2) + "\n"))
-    if final.exists():  # a finished corpus without corpus.json cannot exist; a stale folder can
-        shutil.rmtree(final)
-    os.replace(partial, final)
+    atomic_write_text(partial / "corpus.json", json.dumps(stats, indent=2) + "\n")
+    replace_directory(partial, final)  # a finished corpus without corpus.json cannot exist; a stale folder can
     if alias:
         link(root, alias, final)
     log(f"[toy corpus] wrote {final} in {stats['generation_seconds']} s")

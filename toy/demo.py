@@ -2,78 +2,40 @@
 
     python -m toy.demo [--quick] [--work runs/toy] [--out results/toy] [--pretrain]
 
-Every training and evaluation step runs the user's own entry points as subprocesses, with
-configs/toy/demo_*.toml (the A100 recipes in configs/phi4mm/ differ in sizes only):
+Every training and evaluation step runs the user's own entry points as subprocesses (train.sft,
+train.kd, eval.preferences, train.dpo, eval.run, rollout.server) with configs/toy/demo_*.toml,
+which differ from the A100 recipes in configs/phi4mm/ in sizes only, so the demo exercises what
+a user runs. This module is the plan: the stages (SFT, KD, the KD ablations, preference pairs,
+DPO with and without KD, the evaluation of every checkpoint), the checks that a rerun uses the
+same inputs, and the command line; toy/demo_schedule.py runs the stages, toy/report.py writes
+the report. Everything is decided before the final evaluation, which alone reads the test
+splits. --quick checks that the pipeline runs, not the claims.
 
-  corpus      toy.corpus.build_corpus (cached; --quick: the "quick" preset)
-  models      the pre-training-stage student, the text teacher and the tokenizer: the small
-              checkpoints shipped in toy/checkpoints/ (made by `make pretrain-toy`, which
-              runs toy/pretrain.py on the demo corpus), or built here with --pretrain
-  sft         train.sft on sft.jsonl (references) from the student
-  kd          train.kd on kd.jsonl (no references) from SFT, the text teacher local, full vocabulary
-  kd_top20    ablation: the same with the teacher behind rollout.server on 127.0.0.1, read through
-              the OpenAI-compatible top-20 logprob adapter (kd.teacher = openai:..., kd.top_k = 20)
-  kd_weak     ablation: the same with the weak teacher, the student's own backbone in text mode
-  pairs       eval.preferences on dpo.jsonl: two samples of the KD student per item, the oracle
-              judge (toy/oracle.py) picks, ties dropped
-  dpo         train.dpo on those pairs, the KD checkpoint as policy start and reference
-  pairs_sft, dpo_sft
-              ablation: the same from SFT, without KD (Table 3's "+ DPO")
-  eval        eval.run --judge oracle on validation and the three test splits (test_in, test_voices,
-              test_shifted) for every stage and ablation, the teacher and the student backbone in
-              text mode (`text:DIR`) included; frozen-encoder outputs are cached in WORK/encoder_cache
-  report      OUT/REPORT.md, OUT/results.json, OUT/results.png (this module's `write_report`)
-
-Stages run as soon as the ones they need have finished, `--jobs` at a time (default: up to 4,
-one per CPU core), each entry point with `--threads` torch threads (default: the cores shared
-out, one each on a 2-core laptop). Decoding a small model (most of KD, the preference pairs
-and the evaluation) gains little from a second thread, so two such stages side by side on one
-thread each finish sooner than one after the other on two; SFT, which every later training
-stage needs, runs first and alone, with every core. The evaluation is split the
-same way: `eval_NAME` decodes and judges one checkpoint as soon as it exists (into WORK/eval,
-eval.run's caches), and the final `eval` stage reads them all back, decoding nothing, to
-write the tables. With more than one job, a stage's output goes to WORK/STAGE/log.txt (its
-last lines are printed if it fails); with `--jobs 1`, to the terminal.
-
-A stage whose folder holds a `DONE` stamp is skipped, so a rerun reuses finished stages (and a
-killed training stage resumes from its last checkpoint, train/loop.py); eval runs every time,
-eval.run's own caches re-decoding only checkpoints that changed. WORK/run.json records the
-corpus, the models and the mode; a rerun with other inputs is refused (--fresh starts over). Progress: one line per
-stage on stdout (plus, with `--jobs 1`, the entry points' own output). Everything is decided before the final
-evaluation: the oracle judge, the splits and the hyper-parameters in the configs were fixed on
-training losses and the validation split, never on test scores (the test splits are read by the
-eval stage only); the report states each claim's outcome as measured.
-
---quick (the test suite runs it, under 5 minutes on 2 cores) uses the quick corpus preset and a
-few steps per stage: it checks that the pipeline runs, not the claims; its report says so.
+Details (every stage, scheduling, reruns, the report): docs/demo.md.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from model.safeio import atomic_write_text
 from rollout.child_server import ServerStartError, serving
 
 from .corpus import PRESETS, TEST_SPLITS, build_corpus
-from .report import RUN_FILE, VALIDATION, write_report
+from .demo_schedule import ROOT, DemoError, Stage, StageRunner
+from .report import RUN_FILE, write_report
+from .report_tables import VALIDATION
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "toy" / "checkpoints"
 SERVER_START_SECONDS = 300
 EVAL_SPLITS = (VALIDATION, *TEST_SPLITS)  # eval.run's benchmark names, one manifest each in the corpus folder
-LOG_FILE = "log.txt"  # a stage's output when several run at once
 EVALUATED = {  # eval.run's checkpoint names -> the stage that makes each (None: shipped)
     "teacher_text": None, "student_text": None, "pretrain": None, "sft": "sft", "sft_kd": "kd", "sft_kd_dpo": "dpo",
     "sft_dpo": "dpo_sft", "sft_kd_weak": "kd_weak", "sft_kd_top20": "kd_top20",
@@ -99,126 +61,14 @@ QUICK = Mode("quick", sft=("optim.epochs=1.0",), kd=("optim.epochs=0.5", "kd.max
              dpo=("optim.epochs=1.0",), preferences=("--max-new-tokens", "48"), max_new_tokens=48, quick=True)
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One stage of the run: `run(folder)` once every stage named in `after` has finished.
-    `always`: run even when its DONE stamp exists (an entry point that caches its own work).
-    `solo`: run with nothing beside it and `jobs * threads` torch threads."""
-
-    name: str
-    run: Callable[[Path], None]
-    after: tuple[str, ...] = ()
-    always: bool = False
-    solo: bool = False  # runs alone, with every core's threads (a stage everything else waits for)
-
-
 @dataclass
-class Demo:
-    work: Path
+class Demo(StageRunner):
+    """The demo's plan on a `StageRunner`: its stages, in order, and what each runs."""
+
     out: Path
     mode: Mode
     corpus: Path
     models: Path
-    python: str = sys.executable
-    jobs: int = 1  # stages at a time
-    threads: int | None = None  # torch threads per entry point (None: torch's default)
-    timings: dict[str, float] = field(default_factory=dict)
-    _local: threading.local = field(default_factory=threading.local, repr=False)  # this stage's threads
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def log(self, message: str) -> None:
-        print(f"[demo] {message}", flush=True)
-
-    def stage(self, name: str, run, *, always: bool = False, threads: int | None = None) -> Path:
-        """Run `run(folder)` unless folder/DONE holds a finished stamp (or `always`: a stage whose
-        entry point caches its own work, like eval.run, runs every time and redoes only what
-        changed); stamp DONE (atomically) with the wall time. `threads`: this stage's torch
-        threads (default `self.threads`)."""
-        self._local.threads = threads or self.threads
-        folder = self.work / name
-        done = folder / "DONE"
-        seconds = _stamp_seconds(done)
-        if seconds is not None and not always:
-            self.timings[name] = seconds
-            self.log(f"{name}: done before, reused ({folder})")
-            return folder
-        self.log(f"{name}: running" + (f" (log: {folder / LOG_FILE})" if self.jobs > 1 else ""))
-        started = time.perf_counter()
-        run(folder)
-        last = round(time.perf_counter() - started, 1)
-        first = _stamp_seconds(done)  # an `always` stage keeps its first run's time (the report's wall time)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(done, json.dumps({"seconds": last if first is None else first, "last_seconds": last}) + "\n")
-        self.timings[name] = last if first is None else first
-        self.log(f"{name}: finished in {last:.0f} s")
-        return folder
-
-    def run_stages(self, stages: list[Stage]) -> None:
-        """Run `stages`, up to `self.jobs` at a time, each as soon as the stages it needs are done;
-        among the ready ones, list order first (the longest chain is listed first). A `solo`
-        stage waits until nothing runs, then runs alone with every core's threads. After a
-        failure nothing new starts; the running stages finish, then the first error is raised."""
-        pending, finished, errors = list(stages), set(), []
-        solo_threads = self.jobs * self.threads if self.threads else None
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            running = {}
-            while True:
-                ready = [s for s in pending if set(s.after) <= finished] if not errors else []
-                for stage in ready:
-                    if len(running) >= self.jobs or any(s.solo for s in running.values()):
-                        break
-                    if stage.solo and running:
-                        break  # list order: nothing jumps ahead of a solo stage that waits for the others
-                    pending.remove(stage)
-                    threads = solo_threads if stage.solo else None
-                    running[pool.submit(self.stage, stage.name, stage.run, always=stage.always,
-                                        threads=threads)] = stage
-                if not running:
-                    break
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    stage = running.pop(future)
-                    try:
-                        future.result()
-                        finished.add(stage.name)
-                    except Exception as error:  # noqa: BLE001 - re-raised below, once the others finish
-                        errors.append(error)
-        if errors:
-            raise errors[0]
-        if pending:  # a bug in the plan: a stage waits for one that does not exist
-            raise RuntimeError(f"stages never started: {[s.name for s in pending]}")
-
-    def thread_env(self) -> dict[str, str]:
-        """OMP/MKL thread counts for this stage's processes (empty: torch's default)."""
-        threads = getattr(self._local, "threads", None) or self.threads
-        return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
-
-    @contextlib.contextmanager
-    def stage_log(self, folder: Path):
-        """folder/log.txt opened for appending when several stages run at once; else None (the terminal)."""
-        if self.jobs == 1:
-            yield None
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / LOG_FILE, "a", encoding="utf-8") as log:
-            yield log
-
-    def call(self, folder: Path, module: str, *args: str) -> None:
-        """`python -m module args` from the repository root, with this stage's torch threads;
-        with several jobs its output is appended to folder/log.txt."""
-        command = [self.python, "-m", module, *args]
-        env = {**os.environ, **self.thread_env()}
-        with self.stage_log(folder) as log:
-            if log is not None:
-                log.write(f"$ {' '.join(command)}\n")
-                log.flush()
-            result = subprocess.run(command, cwd=ROOT, env=env, stdout=log,
-                                    stderr=None if log is None else subprocess.STDOUT)
-        if result.returncode != 0:
-            raise DemoError(f"`{' '.join(command)}` failed with exit status {result.returncode}"
-                            f"{_log_tail(folder / LOG_FILE) if self.jobs > 1 else ''}; fix the cause "
-                            f"and rerun: finished stages are reused")
 
     def train(self, stage: str, folder: Path, start: Path, manifest: Path, *overrides: str) -> None:
         """train.STAGE with configs/toy/demo_STAGE.toml; SFT logs its loss on the validation split
@@ -250,8 +100,8 @@ class Demo:
             Stage("pairs", lambda f: self.preferences(f, kd), after=("kd",)),
             Stage("dpo", lambda f: self.dpo(f, kd, work / "pairs" / "pairs.jsonl"), after=("pairs",)),
             Stage("kd_top20", lambda f: self.kd_through_server(f, sft, teacher), after=("sft",)),
-            Stage("kd_weak", lambda f: self.train("kd", f, sft, self.corpus / "kd.jsonl", f'kd.teacher="local:{student}"'),
-                  after=("sft",)),
+            Stage("kd_weak", lambda f: self.train("kd", f, sft, self.corpus / "kd.jsonl",
+                                                  f'kd.teacher="local:{student}"'), after=("sft",)),
             Stage("pairs_sft", lambda f: self.preferences(f, sft), after=("sft",)),
             Stage("dpo_sft", lambda f: self.dpo(f, sft, work / "pairs_sft" / "pairs.jsonl"), after=("pairs_sft",)),
         ]
@@ -329,27 +179,6 @@ class Demo:
                   "--benchmark", *benchmarks, "--encoder-cache", str(self.encoder_cache),
                   "--judge", "oracle", "--out", str(self.work / "eval"), "--batch-size", str(self.mode.eval_batch),
                   "--max-new-tokens", str(self.mode.max_new_tokens), "--device", "cpu")
-
-
-class DemoError(RuntimeError):
-    """A demo step that cannot go on; the message says which and what to do."""
-
-
-def _log_tail(log: Path, lines: int = 25) -> str:
-    """The last `lines` lines of a stage's log, for an error message."""
-    try:
-        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return f"; the end of {log}:\n" + "\n".join(f"    {line}" for line in tail) + "\n"
-
-
-def _stamp_seconds(done: Path) -> float | None:
-    """The seconds in a DONE stamp; None when it is missing or unreadable (a torn write: not done)."""
-    try:
-        return float(json.loads(done.read_text())["seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def check_work_folder(work: Path, inputs: dict) -> None:

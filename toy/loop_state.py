@@ -3,8 +3,9 @@
 Every loop of toy/pretrain.py and toy/encoder_ctc.py is plain AdamW with a linear warm-up over
 the first 5% of steps, then a cosine decay to zero at `steps`. Its state file (`state.pt`:
 model, optimizer, schedule, the batch sampler's `random.Random`, the step and whatever the
-loop adds) is written atomically (`.partial`, then renamed) and read back with
-`torch.load(weights_only=True)`, so a run killed at any moment resumes from its last save.
+loop adds) is written atomically (model/safeio.py: a temporary file, then renamed) and read
+back with `torch.load(weights_only=True)`, so a run killed at any moment resumes from its last
+save.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from model.safeio import atomic_write
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -29,9 +32,7 @@ def save_state(state_file: Path, model: nn.Module, optimizer, schedule, rng: ran
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
              "rng": None if rng is None else _list_state(rng.getstate()), "step": step, **extra}
-    partial = state_file.with_name(state_file.name + ".partial")
-    torch.save(state, partial)
-    partial.replace(state_file)
+    atomic_write(state_file, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(state_file: Path, model: nn.Module, optimizer, schedule, rng: random.Random | None) -> dict | None:

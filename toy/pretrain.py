@@ -1,50 +1,24 @@
 """The toy world's starting checkpoints: tokenizer, text teacher, speech encoder, and the student
 at its pre-training stage.
 
+Kept in one module: its four parts are one resumable procedure sharing a training loop and checks.
+
     python -m toy.pretrain --corpus cache/toy/demo --out toy/checkpoints [--quick]   # make pretrain-toy
     python -m toy.pretrain ... --only teacher|encoder|student                      # one part
 
-The paper starts from Phi-4MM's *pre-training stage*: a text decoder (Phi-4-mini, instruction
-tuned) whose speech encoder and projector were aligned to it by large-scale ASR, the encoder
-itself an ASR model before the language model saw it; its KD teacher is a much stronger text
-model (GPT-4o in text mode). This script builds the toy stand-ins, in this order:
+The paper starts from Phi-4MM's *pre-training stage*: a text decoder whose speech encoder and
+projector were aligned to it by large-scale ASR, and its KD teacher is a much stronger text
+model. This script builds the toy stand-ins, in order: a SentencePiece tokenizer on the
+training splits, a wider text-only teacher, the student's Conformer trained alone as a CTC
+recognizer (toy/encoder_ctc.py), then the student (that encoder frozen; projector and decoder
+on ASR spans and text instruction tuning). Each is checked on the validation splits (word error,
+the oracle judge's scores) and recorded in OUT/pretrain.json. Plain seeded AdamW loops that
+checkpoint under `--work` and resume, so a killed run goes on where it stopped; this stage is
+the toy's substitute for a pre-trained model, not part of the paper's method, so it does not go
+through train/. How the shipped ones were made: toy/checkpoints/README.md.
 
-  1. tokenizer  SentencePiece (vocab 512) on `training_texts(corpus)`, the training splits only
-                (or `--tokenizer FILE`: reuse one, so a teacher can be continued).
-  2. teacher    a wider decoder (hidden 256, 4 layers; its unused encoder is minimal), text-only
-                on teacher.jsonl + sft.jsonl + `text_meetings` text-only meetings: more capacity
-                and more data than the student's backbone, and it reads the transcript, never
-                the audio (`--teacher-from DIR` continues a teacher checkpoint). Checked on the
-                validation split by the oracle judge (`text_quality`).
-  3. encoder    the student's Conformer alone, as a CTC recognizer over the tokenizer's pieces
-                (toy/encoder_ctc.py: spans of turns growing to whole meetings, SpecAugment,
-                the pretrain split's 333 training voices).
-  4. student    `model.toy()` sizes; its encoder the CTC-trained one, frozen (as in SFT, KD and
-                DPO); projector and decoder trained on two batches of (a) to one of (b): (a) ASR
-                of spans of the pretrain meetings, one turn growing to whole meetings, cut from
-                encoder states computed once per whole meeting (`encode_meetings`: exact for the
-                frozen encoder, and a step then costs the decoder alone), (b) text instruction
-                tuning (transcript + instruction -> reference, the teacher's prompt) on
-                teacher.jsonl and the text-only meetings: the toy "Phi-4-mini", which in text
-                mode is also the weak teacher of the ablation (`--decoder-from DIR` starts its
-                decoder and projector from a student checkpoint's).
-                Checked by greedy transcripts of whole meetings, 6-turn windows and single
-                turns of `validation` (training voices) and `validation_voices` (unseen
-                voices), and in text mode on the validation split.
-
-Every loop checkpoints under `--work` every 50 steps (100 for the encoder) and resumes from it,
-so a run killed at any moment (a session's time limit) goes on where it stopped; `--only`
-builds one part. Plain AdamW loops over random batches (seeded): this stage is the toy's
-substitute for a pre-trained model, not part of the paper's method, so it does not go through
-train/. Checkpoints are written with model.save_pretrained plus tokenizer.model (OUT/student,
-OUT/teacher, OUT/tokenizer.model) and OUT/pretrain.json records the corpus they came from (its
-cache key), the steps, losses, the word errors and validation scores. How the shipped ones were
-made, with their timings: toy/checkpoints/README.md.
-
-Two choices carried over from the first toy student: the encoder's feature statistics
-(`global_mean`, `global_invstd`, buffers of every Phi-4MM checkpoint) are set from training
-clips instead of toy()'s 0 / 1, and `standardize_audio_embeddings` (model/projector.py; not in
-Phi-4MM) standardizes each clip's projected audio.
+Details (each part, the checks, the two choices carried over from the first toy student):
+docs/toy-world.md ("The starting checkpoints").
 """
 from __future__ import annotations
 
@@ -64,7 +38,7 @@ from data.batching import Batch, Example, collate
 from losses.sft import masked_cross_entropy
 from model import SpeechLM, load_pretrained, save_pretrained, toy
 from model.config import EncoderConfig
-from model.safeio import atomic_write_text
+from model.safeio import atomic_write_text, replace_directory
 from model.tokenizer import config_token_ids, load_tokenizer, train_sentencepiece
 from rollout.sampler import SamplingParams, generate
 from rollout.teachers import teacher_prompt_ids
@@ -157,7 +131,8 @@ def train(model: SpeechLM, next_batch, steps: int, groups: list[dict], what: str
         value = loss.item()
         average = value if average is None else 0.95 * average + 0.05 * value
         if step % max(1, steps // 20) == 0 or step == steps:
-            log(f"[toy pretrain] {what}: step {step}/{steps} loss {average:.3f} ({time.perf_counter() - started:.0f} s)")
+            log(f"[toy pretrain] {what}: step {step}/{steps} loss {average:.3f} "
+                f"({time.perf_counter() - started:.0f} s)")
         if state_file is not None and (step % save_every == 0 or step == steps):
             save_state(state_file, model, optimizer, schedule, rng, step, average=average)
     model.eval()
@@ -193,12 +168,12 @@ def read_rows(corpus: Path, split: str) -> list[dict]:
 
 
 def _save(model: SpeechLM, tokenizer_file: Path, folder: Path) -> None:
+    """The checkpoint and its tokenizer.model, built beside `folder` and swapped in whole."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     save_pretrained(model, partial)
     shutil.copy2(tokenizer_file, partial / "tokenizer.model")
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    replace_directory(partial, folder)
 
 
 def build_teacher(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, log, work: Path,
@@ -223,7 +198,8 @@ def build_teacher(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
 def _brief(quality: dict) -> str:
     if not quality.get("rows"):
         return "no validation rows"
-    return (f"score {quality['score']:.2f}, floor {quality['floor']:.2f}, hallucination {quality['hallucination']:.2f}, "
+    return (f"score {quality['score']:.2f}, floor {quality['floor']:.2f}, "
+            f"hallucination {quality['hallucination']:.2f}, "
             f"recall {quality['recall']:.2f}")
 
 
@@ -305,7 +281,8 @@ def build_student(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
     texts = text_examples(tokenizer, corpus, ("teacher",), steps.text_meetings)
     started = time.perf_counter()
     meetings = encode_meetings(student.encoder.eval(), load_meetings(corpus, "pretrain"))
-    log(f"[toy pretrain] student: {len(meetings)} pretrain meetings encoded once ({time.perf_counter() - started:.0f} s)")
+    log(f"[toy pretrain] student: {len(meetings)} pretrain meetings encoded once "
+        f"({time.perf_counter() - started:.0f} s)")
     longest = max(len(m.turns) for m in meetings)
     budget = max(1, steps.student_asr_frames // student.config.encoder.time_reduction)  # state frames per batch
     rng = random.Random(seed + 2)
@@ -354,7 +331,7 @@ def build(corpus: Path, out: Path, steps: Steps = Steps(), *, seed: int = 0, log
           which: tuple[str, ...] = ("teacher", "encoder", "student"), work: Path = Path("cache/toy/pretrain_work"),
           tokenizer_file: Path | None = None, teacher_from: Path | None = None,
           decoder_from: Path | None = None) -> dict[str, Path]:
-    """Tokenizer, encoder, student and teacher under `out` (module docstring); returns their paths.
+    """Tokenizer, encoder, student and teacher under `out` (docs/toy-world.md); returns their paths.
     Every training loop checkpoints under `work` and resumes from it."""
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_file is None:

@@ -1,12 +1,11 @@
 """eval.run end to end: two tiny audio checkpoints, a 3-item benchmark, a scripted judge on
 loopback. The table's means and intervals, the per-sample files, greedy decoding equal to a
 direct `rollout.generate`, resuming (zero decodes and zero judge calls on a rerun; a torn line
-re-decodes one sample), a judge change re-judging without re-decoding, the CLI, the bootstrap
-against its exact distribution."""
+re-decodes one sample), a judge change re-judging without re-decoding, the CLI. The bootstrap
+against its exact distribution: tests/eval/test_report.py."""
 import csv
 import io
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -15,15 +14,14 @@ import pytest
 import soundfile
 import torch
 
-import eval.run as run
+from eval import run_decode
 from eval.judge import JudgeScore, OpenAIJudge
-from eval.report import bootstrap_ci, plot
-from eval.run import EvalError, JsonlLog, evaluate, judge_identity, main, make_judge
+from eval.run import EvalError, evaluate, judge_identity, main, make_judge
 from model import load_pretrained
 from model.features import log_mel, num_audio_tokens
-from tests.api.http_stub import Reply, StubServer
 from model.tokenizer import load_tokenizer
 from rollout.sampler import SamplingParams, generate
+from tests.api.http_stub import Reply, StubServer
 from tests.eval.fixtures import build_audio_checkpoint, write_jsonl_benchmark
 
 KEY_ENV = "SPEECHSUM_TEST_EVAL_KEY"
@@ -83,7 +81,7 @@ def world(tmp_path_factory):
 def counters(monkeypatch):
     """Counts model loads and decoded items inside eval.run."""
     counts = {"loads": 0, "decoded": 0}
-    load, decode = run.CheckpointDecoder._load, run.CheckpointDecoder.decode
+    load, decode = run_decode.CheckpointDecoder._load, run_decode.CheckpointDecoder.decode
 
     def counting_load(self):
         counts["loads"] += 1
@@ -93,8 +91,8 @@ def counters(monkeypatch):
         counts["decoded"] += len(items)
         return decode(self, items)
 
-    monkeypatch.setattr(run.CheckpointDecoder, "_load", counting_load)
-    monkeypatch.setattr(run.CheckpointDecoder, "decode", counting_decode)
+    monkeypatch.setattr(run_decode.CheckpointDecoder, "_load", counting_load)
+    monkeypatch.setattr(run_decode.CheckpointDecoder, "decode", counting_decode)
     return counts
 
 
@@ -245,50 +243,6 @@ def test_judge_specs(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "toy.oracle", None)  # as if the toy world's oracle were absent
     with pytest.raises(EvalError, match="--judge oracle needs toy.oracle.OracleJudge"):
         make_judge("oracle")
-
-
-def test_bootstrap_matches_the_exact_bootstrap_distribution():
-    """For 0/1 scores the resampled mean is Binomial(n, p) / n exactly; the 2000-resample
-    percentile bounds must lie within one step (1/n) of its exact 2.5% and 97.5% quantiles."""
-    from math import comb
-
-    values = [1] * 13 + [0] * 7  # n 20, p 0.65
-    n, p = len(values), 0.65
-    cdf = np.cumsum([comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)])
-    exact_low, exact_high = np.searchsorted(cdf, 0.025) / n, np.searchsorted(cdf, 0.975) / n  # 0.45, 0.85
-    mean, low, high = bootstrap_ci(values)
-    assert mean == 0.65 and abs(low - exact_low) <= 1 / n and abs(high - exact_high) <= 1 / n
-    assert bootstrap_ci(values) == (mean, low, high)  # seeded: reproducible
-    spread = [1.5, 2.0, 3.25, 4.0, 4.5, 5.0, 6.0, 6.5, 7.0]
-    assert bootstrap_ci(spread, seed=1) != bootstrap_ci(spread)  # the seed is what fixes the table
-    assert bootstrap_ci([5.0]) == (5.0, 5.0, 5.0)
-    with pytest.raises(ValueError, match="non-empty"):
-        bootstrap_ci([])
-
-
-def test_jsonl_log_drops_a_torn_line_and_skips_garbage(tmp_path, caplog):
-    path = tmp_path / "log.jsonl"
-    path.write_bytes(b'{"id": "a", "key": "k1", "v": 1}\nnot json\n{"id": "b", "key": "k2", "v": 2}\n{"id": "c", "ke')
-    with caplog.at_level(logging.WARNING):
-        log = JsonlLog(path)
-    assert [r["id"] for r in log.records] == ["a", "b"]
-    assert "dropped a torn last line" in caplog.text and "log.jsonl:2: unreadable line skipped" in caplog.text
-    log.append([{"id": "c", "key": "k3", "v": 3}])
-    assert [r["id"] for r in JsonlLog(path).records] == ["a", "b", "c"]
-    assert JsonlLog(path).index()[("c", "k3")]["v"] == 3
-
-
-def test_plot_or_a_note(tmp_path, caplog):
-    cells = {"a": {"mini": {"mean": 5.0, "ci_low": 4.0, "ci_high": 6.0}}}
-    with caplog.at_level(logging.INFO):
-        path = plot(cells, ["a"], ["mini"], tmp_path / "results.png")
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert path is None and not (tmp_path / "results.png").exists()
-        assert "matplotlib is not installed: skipped the plot" in caplog.text
-    else:
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_text_mode_checkpoint_reads_the_transcript(world, tmp_path):

@@ -1,12 +1,14 @@
-"""toy.demo's stage scheduler (`Demo.run_stages`): a stage starts only after the stages it needs,
-independent stages run side by side up to `jobs`, and a failure stops new starts, lets the
-running stages finish and is raised. No subprocess: the stages are Python functions."""
+"""The demo's stage scheduler (toy/demo_schedule.py, `run_stages` through toy.demo's `Demo`): a
+stage starts only after the stages it needs, independent stages run side by side up to `jobs`,
+and a failure stops new starts, lets the running stages finish and is raised. No subprocess:
+the stages are Python functions."""
 import threading
 import time
 
 import pytest
 
-from toy.demo import Demo, DemoError, Mode, Stage, parallelism
+from toy.demo import Demo, Mode, parallelism
+from toy.demo_schedule import DemoError, Stage
 
 
 def make_demo(tmp_path, jobs):
