@@ -3,7 +3,10 @@
 Checkpoints (atomic: written under a temporary name, then renamed) hold the trainable weights
 (safetensors), the optimizer state (loaded with weights_only=True), the step, the data
 position, every rank's RNG state and the run's config (as given); `latest` names the newest. A run
-whose out_dir has `latest` resumes from it and continues with the same losses.
+whose out_dir has `latest` resumes from it and continues with the same losses. Under
+`run.strategy = "fsdp2"` the same files are written from state gathered to rank 0 and read back
+by every rank into its shards (train/fsdp2.py), so a step saved under one strategy resumes under
+the other.
 
 Damaged checkpoints. Each step directory also holds `manifest.json` (size and SHA-256 of every
 other file), written last, before the directory gets its final name and `latest` names it.
@@ -41,6 +44,7 @@ from model.safeio import atomic_save_safetensors, atomic_write_bytes, atomic_wri
 
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, rng_state, set_rng_state
+from .fsdp2 import copy_into
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -61,11 +65,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-
-def save_checkpoint(out_dir: Path, model, optimizer, position: Position, config: TrainConfig, info: DistInfo,
-                    keep_last: int) -> Path:
+def save_checkpoint(out_dir: Path, trainable: dict[str, torch.Tensor] | None, optimizer_state: dict | None,
+                    position: Position, config: TrainConfig, info: DistInfo, keep_last: int) -> Path:
     """Write out_dir/step_XXXXXXX atomically (every rank adds its RNG state), its manifest last,
-    then update `latest`."""
+    then update `latest`. `trainable` (whole tensors by name) and `optimizer_state` (as
+    optimizer.state_dict() gives it) are read on rank 0 only; the other ranks may pass None."""
     name = f"step_{position.step:07d}"
     final, tmp = out_dir / name, out_dir / f".tmp-{name}"
     if info.is_main:
@@ -78,9 +82,9 @@ def save_checkpoint(out_dir: Path, model, optimizer, position: Position, config:
     atomic_write_text(tmp / f"rng_rank{info.rank}.json", json.dumps(rng_state()))
     barrier()
     if info.is_main:
-        atomic_save_safetensors(trainable_state(model), tmp / "trainable.safetensors")
+        atomic_save_safetensors(trainable, tmp / "trainable.safetensors")
         buffer = io.BytesIO()
-        torch.save(optimizer.state_dict(), buffer)
+        torch.save(optimizer_state, buffer)
         atomic_write_bytes(tmp / "optimizer.pt", buffer.getvalue())
         atomic_write_text(tmp / "position.json", json.dumps(position.__dict__))
         config.save(tmp / "config.json")
@@ -168,7 +172,8 @@ def read_step(directory: Path, info: DistInfo) -> SavedStep:
 
 
 def load_trainable(directory: Path, model, trainable: dict[str, torch.Tensor]) -> None:
-    """Copy the trainable tensors (LoRA, projector) saved in `directory` into the model."""
+    """Copy the trainable tensors (LoRA, projector) saved in `directory` into the model (each rank
+    its own shard of a sharded one, train/fsdp2.py `copy_into`)."""
     expected = trainable_state(model)
     if set(trainable) != set(expected):
         raise CheckpointError(f"{directory}: trainable tensors {sorted(set(trainable) ^ set(expected))[:5]} differ "
@@ -178,16 +183,16 @@ def load_trainable(directory: Path, model, trainable: dict[str, torch.Tensor]) -
     if reshaped:
         raise CheckpointError(f"{directory}: saved trainable tensors have other shapes than the model's "
                               f"({reshaped[:3]}); the LoRA rank changed since it was saved")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in trainable:
-                param.copy_(trainable[name])
+    for name, param in model.named_parameters():
+        if name in trainable:
+            copy_into(param, trainable[name])
 
 
-def restore_step(saved: SavedStep, model, optimizer) -> Position:
-    """Restore trainable weights, optimizer, this rank's RNG and the position of a read step."""
+def restore_step(saved: SavedStep, model, optimizer, load_optimizer_state=None) -> Position:
+    """Restore trainable weights, optimizer, this rank's RNG and the position of a read step.
+    `load_optimizer_state(state)` replaces optimizer.load_state_dict (fsdp2 keeps a shard of it)."""
     load_trainable(saved.directory, model, saved.trainable)
-    optimizer.load_state_dict(saved.optimizer)
+    (load_optimizer_state or optimizer.load_state_dict)(saved.optimizer)
     set_rng_state(saved.rng)
     return saved.position
 

@@ -86,6 +86,9 @@ class RunSection:
     keep_last: int = 3
     eval_every: int = 0
     device: str = ""  # "" = cuda if available else cpu
+    # How the ranks share the model: "ddp" (each holds it whole) or "fsdp2" (each holds 1/world_size of every
+    # weight, gradient and optimizer moment: train/fsdp2.py). Same numbers; one process trains plainly either way.
+    strategy: str = "ddp"
     merge_at_end: bool = True  # write out_dir/merged: base + this stage's LoRA, the next stage's start
     # Metrics sinks besides out_dir/metrics.jsonl, rank 0 only, off by default (train/metrics.py says why run.*):
     tensorboard: bool = False  # True: event files in out_dir/tensorboard; needs `pip install tensorboard`
@@ -310,6 +313,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("run.save_every", *_count(0, " (0: only at the end)")),
     ("run.keep_last", *_count(0, " (0: keep every checkpoint)")),
     ("run.eval_every", *_count(0, " (0: never)")),
+    ("run.strategy", *_one_of("ddp", "fsdp2")),
     ("run.wandb_project", _wandb_name, WANDB_NAME),
     ("run.wandb_entity", _wandb_name, WANDB_NAME),
     ("kd.teacher_template", _teacher_template, TEACHER_TEMPLATES),

@@ -16,15 +16,25 @@ Per optimizer step, on each rank:
      batch computes (tests/train/test_loop.py checks this to 1e-6);
   4. clip the global gradient norm, AdamW step, warmup + cosine learning rate.
 
-DDP wraps a small module whose forward *is* the stage's loss, so every model call of a stage
-(logits, hidden states for the fused KD loss, the DPO reference with adapters disabled) runs
-inside DDP's forward, and only the trainable parameters (LoRA, projector) are synchronised.
+How ranks share the model (`run.strategy`, `wrap_for_training`):
+  "ddp"    DDP wraps a small module whose forward *is* the stage's loss, so every model call of a
+           stage (logits, hidden states for the fused KD loss, the DPO reference with adapters
+           disabled) runs inside DDP's forward, and only the trainable parameters (LoRA,
+           projector) are synchronised;
+  "fsdp2"  the model itself is sharded (train/fsdp2.py: every weight split over the ranks, a
+           block gathered while it runs, gradients reduce-scattered, `gradient_sync` in place of
+           `no_sync`), so the optimizer is built after it, and checkpoints are gathered to rank 0
+           in ddp's format (`FSDP2Checkpointer`). The calls outside the training forward, which
+           ranks make unevenly (a stage's `prepare`, the held-out evaluation), run on the whole
+           model gathered once (`whole_model`). Same global batch, same numbers: the two give
+           the same losses to 1e-6 (tests/train/test_fsdp2.py).
+On one process both are the plain model.
 
 Batches are loaded one step ahead on a background thread (`Prefetcher`, through `StepBatches`).
 
-Seams for what comes next: `wrap_for_training` returns the module the loop calls (DDP today;
-FSDP2's `fully_shard` would go there), `Checkpointer` resumes and saves (a sharded format
-replaces that class), a stage's `prepare` is where another sampler plugs in (a vLLM engine
+Seams for what comes next: `wrap_for_training` returns the module the loop calls (DDP or
+FSDP2), `Checkpointer` resumes and saves (a sharded on-disk format would replace
+`FSDP2Checkpointer`), a stage's `prepare` is where another sampler plugs in (a vLLM engine
 for KD rollouts). The run's length is computed (`total_steps`), never written back into the
 config, and `train()` reads top to bottom as the four steps above.
 
@@ -50,7 +60,9 @@ from data.manifest import DataError, Issue
 from model.checkpoint import CheckpointError
 from model.safeio import atomic_write_text
 
-from .checkpoints import Position, agree_on_resume, choose_resume_step, restore_step, save_checkpoint
+from . import fsdp2
+from .checkpoints import (Position, SavedStep, agree_on_resume, choose_resume_step, restore_step, save_checkpoint,
+                          trainable_state)
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, is_distributed
 from .metrics import MetricsLog, check_sink_packages, open_sinks
@@ -59,6 +71,10 @@ logger = logging.getLogger(__name__)
 
 
 class Stage(Protocol):
+    """Optionally also `prepare_uses_model` (a class attribute, True when absent): whether `prepare`
+    calls the model. Under fsdp2 the loop gathers the whole model for it (`whole_model`), which
+    SFT's prepare, a no-op, does not need."""
+
     name: str
 
     def prepare(self, model: nn.Module, batch: Any) -> Any: ...
@@ -120,6 +136,14 @@ class StageForward(nn.Module):
         return self.stage.loss(self.model, batch)
 
 
+class ShardedStageForward(StageForward):
+    """The stage's loss on an FSDP2-sharded model (the model is the FSDP2 root, this module is
+    plain); `no_sync` as DDP's, so `accumulate_gradients` treats both alike."""
+
+    def no_sync(self):
+        return fsdp2.gradient_sync(self.model, False)
+
+
 def learning_rate(step: int, optim, max_steps: int | None = None) -> float:
     """Linear warmup to optim.lr over warmup_steps, then cosine down to lr * min_lr_ratio at
     `max_steps` (default optim.max_steps; the loop passes `total_steps`)."""
@@ -152,7 +176,8 @@ def autocast_context(device: torch.device):
 class Checkpointer:
     """Where a run resumes from and where its steps go (train/checkpoints.py: atomic step
     folders, manifests, the newest intact step, every rank agreeing). The loop only asks it to
-    resume and to save, so a sharded format (FSDP2's) replaces this one class."""
+    resume and to save; `FSDP2Checkpointer` changes how the state is gathered and restored, not
+    the format."""
 
     def __init__(self, out_dir: Path, config: TrainConfig, info: DistInfo):
         self.out_dir, self.config, self.info = out_dir, config, info
@@ -166,22 +191,57 @@ class Checkpointer:
         agree_on_resume(choice, self.info)
         if isinstance(choice, CheckpointError):
             raise choice
-        return Position() if choice is None else restore_step(choice, model, optimizer)
+        return Position() if choice is None else self.restore(choice, model, optimizer)
+
+    def restore(self, saved: SavedStep, model: nn.Module, optimizer: torch.optim.Optimizer) -> Position:
+        return restore_step(saved, model, optimizer)
+
+    def state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
+        """(trainable tensors, optimizer state) as rank 0 writes them; every rank holds the same under DDP."""
+        return trainable_state(model), optimizer.state_dict()
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, position: Position) -> None:
-        save_checkpoint(self.out_dir, model, optimizer, position, self.config, self.info, self.config.run.keep_last)
+        trainable, optimizer_state = self.state(model, optimizer)
+        save_checkpoint(self.out_dir, trainable, optimizer_state, position, self.config, self.info,
+                        self.config.run.keep_last)
 
 
-def wrap_for_training(model: nn.Module, stage: Stage, info: DistInfo) -> nn.Module:
-    """The module the loop calls, forward(batch) = the stage's loss (`StageForward`): wrapped in
-    DDP across ranks (only the trainable parameters are synchronised), plain on one process.
-    The seam for another data-parallel scheme (FSDP2's `fully_shard`, with a Checkpointer that
-    saves sharded state)."""
-    wrapped = StageForward(model, stage)
+class FSDP2Checkpointer(Checkpointer):
+    """Checkpoints of a sharded model in the same format as ddp's: saving gathers the whole
+    trainable tensors and optimizer state to rank 0 (every rank takes part); resuming, every rank
+    reads the whole step and keeps its shards (train/fsdp2.py says why this format)."""
+
+    def restore(self, saved: SavedStep, model: nn.Module, optimizer: torch.optim.Optimizer) -> Position:
+        return restore_step(saved, model, optimizer,
+                            load_optimizer_state=lambda state: fsdp2.load_optimizer_state(model, optimizer, state))
+
+    def state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
+        return fsdp2.full_trainable_state(model), fsdp2.full_optimizer_state(model, optimizer)
+
+
+def whole_model(wrapped: nn.Module, needed: bool = True):
+    """Context for model calls outside the training forward (a stage's `prepare`, evaluation): under
+    fsdp2 every weight is gathered for the block (train/fsdp2.py `gathered`: ranks may then call
+    the model unevenly, as KD's rollouts do); nothing to do under ddp, on one process, or when
+    not `needed` (a prepare that does not call the model)."""
+    if needed and isinstance(wrapped, ShardedStageForward):
+        return fsdp2.gathered(wrapped.model)
+    return contextlib.nullcontext()
+
+
+def wrap_for_training(model: nn.Module, stage: Stage, info: DistInfo, strategy: str = "ddp") -> nn.Module:
+    """The module the loop calls, forward(batch) = the stage's loss (`StageForward`), by
+    `run.strategy` across ranks: "ddp" wraps it in DDP (only the trainable parameters are
+    synchronised); "fsdp2" shards `model` in place (train/fsdp2.py `shard_model`: its parameters
+    become new, sharded ones, so build the optimizer after this). Plain on one process."""
+    if strategy not in ("ddp", "fsdp2"):
+        raise ValueError(f'run.strategy: expected "ddp" or "fsdp2", got {strategy!r}')
     if not is_distributed():
-        return wrapped
+        return StageForward(model, stage)
+    if strategy == "fsdp2":
+        return ShardedStageForward(fsdp2.shard_model(model, info.device, info.world_size), stage)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(wrapped, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(StageForward(model, stage), device_ids=device_ids, broadcast_buffers=False)
 
 
 def total_steps(optim, data: BatchSource) -> int:
@@ -235,11 +295,12 @@ def train(
     if info.is_main:  # a switched-on sink without its package stops the run here, before anything loads
         check_sink_packages(run)
     model.to(info.device)
+    wrapped = wrap_for_training(model, stage, info, run.strategy)  # before the optimizer: fsdp2 replaces parameters
     optimizer = build_optimizer(model, optim)
-    checkpointer = Checkpointer(out_dir, config, info)
+    sharded = isinstance(wrapped, ShardedStageForward)
+    checkpointer = (FSDP2Checkpointer if sharded else Checkpointer)(out_dir, config, info)
     position = checkpointer.resume(model, optimizer)
     log = MetricsLog(out_dir, info, position.step, open_sinks(config, out_dir, info, position.step))
-    wrapped = wrap_for_training(model, stage, info)
     trainable = [p for p in model.parameters() if p.requires_grad]
     max_steps = total_steps(optim, data)
     batches = StepBatches(data, position, config, info)
@@ -249,7 +310,8 @@ def train(
         while position.step < max_steps and (stop_after is None or steps_this_call < stop_after):
             start = time.perf_counter()
             # 1. the micro-batches of this step, with their experience
-            micro_batches = [prepare(stage, model, batches.take(position), info) for _ in range(optim.grad_accum)]
+            with whole_model(wrapped, getattr(stage, "prepare_uses_model", True)):
+                micro_batches = [prepare(stage, model, batches.take(position), info) for _ in range(optim.grad_accum)]
             # 2. loss units of the global batch
             local_units = sum(stage.loss_units(b) for b in micro_batches)
             global_units = int(all_reduce_sum(torch.tensor([local_units], dtype=torch.float64,
@@ -274,12 +336,14 @@ def train(
             steps_this_call += 1
 
             elapsed = time.perf_counter() - start
-            record = {"step": position.step, "lr": lr, "grad_norm": float(grad_norm), "units": global_units,
-                      "units_per_s": global_units / elapsed, **reduce_metrics(sums, counts, global_units, info)}
+            record = {"step": position.step, "lr": lr, "grad_norm": float(fsdp2.full_tensor(grad_norm)),
+                      "units": global_units, "units_per_s": global_units / elapsed,
+                      **reduce_metrics(sums, counts, global_units, info)}
             if position.step % run.log_every == 0 or position.step == max_steps:
                 log.write(record, max_steps)
             if evaluate is not None and run.eval_every and position.step % run.eval_every == 0:
-                log.write({"step": position.step, **evaluate(model, position.step)}, max_steps)
+                with whole_model(wrapped):
+                    log.write({"step": position.step, **evaluate(model, position.step)}, max_steps)
             if position.step >= max_steps or (run.save_every and position.step % run.save_every == 0):
                 checkpointer.save(model, optimizer, position)
     return position
@@ -334,13 +398,13 @@ def reduce_metrics(sums: dict[str, float], counts: dict[str, float], global_unit
 
 def report_nonfinite(out_dir: Path, step: int, info: DistInfo, sample_ids: list[str], own: bool,
                      model: nn.Module | None = None) -> None:
-    """Stop every rank; the rank whose loss is bad says who is at fault: its weights when any
-    parameter already holds NaN or inf (an earlier step diverged), else its batch, whose sample
-    ids it saves."""
+    """Stop every rank (all of them call this); the rank whose loss is bad says who is at fault:
+    its weights when any parameter already holds NaN or inf (an earlier step diverged), else its
+    batch, whose sample ids it saves."""
+    broken = [] if model is None else nonfinite_parameters(model, info)  # collective under fsdp2: before any raise
     if not own:
         raise NonFiniteLoss(f"step {step}: another rank's loss is NaN or inf (see its nonfinite_step{step}_rank*.json "
                             f"in {out_dir}); stopping rank {info.rank} too")
-    broken = [] if model is None else [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if broken:
         raise NonFiniteLoss(f"step {step}, rank {info.rank}: the loss is NaN or inf because the model's weights are: "
                             f"{len(broken)} parameter tensor(s) hold NaN or inf (first {broken[0]}); the inputs are "
@@ -349,3 +413,16 @@ def report_nonfinite(out_dir: Path, step: int, info: DistInfo, sample_ids: list[
     atomic_write_text(path, json.dumps({"step": step, "rank": info.rank, "sample_ids": sample_ids}))
     raise NonFiniteLoss(f"step {step}, rank {info.rank}: the loss is NaN or inf on samples {sample_ids[:8]}; "
                         f"their ids are saved in {path}. Check these inputs, or lower optim.lr")
+
+
+def nonfinite_parameters(model: nn.Module, info: DistInfo) -> list[str]:
+    """Names of the parameters holding NaN or inf. A sharded (fsdp2) parameter is checked shard by
+    shard and the verdicts are summed over the ranks, so under fsdp2 every rank must call this."""
+    names, flags, sharded = [], [], False
+    for name, param in model.named_parameters():
+        names.append(name)
+        flags.append(float(not torch.isfinite(fsdp2.local_part(param.detach())).all()))
+        sharded = sharded or fsdp2.is_sharded(param)
+    if sharded and names:
+        flags = all_reduce_sum(torch.tensor(flags, dtype=torch.float32, device=info.device)).tolist()
+    return [name for name, flag in zip(names, flags) if flag]

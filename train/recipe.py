@@ -8,7 +8,9 @@ Model setup: the checkpoint is loaded (the previous stage's
 LoRA already merged into it), a fresh LoRA (r 16, alpha 32 by default) goes on every decoder
 projection, and only LoRA and the projector train; the encoder and base decoder stay frozen.
 At the end, rank 0 folds this stage's LoRA into the base and writes `out_dir/merged` (weights,
-config, tokenizer): the checkpoint the next stage starts from, and the DPO reference.
+config, tokenizer): the checkpoint the next stage starts from, and the DPO reference. Under
+`run.strategy = "fsdp2"` the trained model is sharded: every rank gathers the trainable tensors to
+rank 0, which loads them into a fresh copy of the model on the CPU (`unsharded_model`).
 Errors a user can fix (config, data, checkpoint) print one message and exit with status 2.
 What the config names on this machine is checked before anything loads (`check_environment`):
 `run.device` must exist here, `run.out_dir` must be a directory that can be written (made if
@@ -29,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from api.client import ApiError
 from data.audio import DurationPolicy
 from data.dataset import ManifestDataset
-from api.client import ApiError
 from data.manifest import DataError
 from model import load_pretrained, save_pretrained
 from model.checkpoint import CheckpointError
@@ -40,8 +42,10 @@ from model.errors import report_error
 from model.lora import apply_lora, mark_trainable, merge_and_remove_lora
 from model.tokenizer import load_tokenizer
 
+from .checkpoints import load_trainable
 from .config import ConfigError, TrainConfig, load_config
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_everything, shutdown
+from .fsdp2 import full_trainable_state, is_sharded
 from .loop import NonFiniteLoss, train
 from .metrics import check_sink_packages
 
@@ -116,6 +120,24 @@ def export_merged(config: TrainConfig, model, out_dir: Path) -> Path:
         if file.is_file():
             shutil.copy2(file, target / file.name)
     return target
+
+
+def unsharded_model(config: TrainConfig, model, info: DistInfo):
+    """The trained model with whole tensors, for export on rank 0 (None on the other ranks).
+
+    `model` itself unless it is sharded (fsdp2). Then every rank takes part in gathering the
+    trainable tensors, and rank 0 loads them into a copy built from model.checkpoint on the CPU
+    (without the encoder cache): the frozen weights never change, so the copy equals the trained
+    model, and the export takes no device memory."""
+    if not any(is_sharded(p) for p in model.parameters()):
+        return model if info.is_main else None
+    trainable = full_trainable_state(model)
+    if not info.is_main:
+        return None
+    copy = build_model(dataclasses.replace(config, model=dataclasses.replace(config.model, encoder_cache="")),
+                       torch.device("cpu"))
+    load_trainable(Path(config.run.out_dir), copy, trainable)
+    return copy
 
 
 def check_device(text: str) -> None:
@@ -202,8 +224,10 @@ def run_recipe(stage_name: str, make_stage, task: str, argv=None, reserve_tokens
         if data.skipped or data.rejected:
             logging.getLogger(__name__).warning("data: rejected %s, skipped on rank %d %s, refills %d",
                                                 dict(data.rejected), info.rank, dict(data.skipped), data.refills)
-        if config.run.merge_at_end and info.is_main:
-            print(f"merged checkpoint: {export_merged(config, model, out_dir)}", flush=True)
+        if config.run.merge_at_end:
+            whole = unsharded_model(config, model, info)
+            if info.is_main:
+                print(f"merged checkpoint: {export_merged(config, whole, out_dir)}", flush=True)
         barrier()
         shutdown()
         return 0

@@ -23,6 +23,7 @@ from rollout.sampler import SamplingParams, generate
 from rollout.teachers import FullLogprobs, TopKLogprobs
 
 from .config import ConfigError
+from .fsdp2 import copy_into, full_tensor
 
 def batch_hidden(model, batch: Batch) -> torch.Tensor:
     """Final hidden states (B, T, H) of a right-padded batch (`collate`'s layout).
@@ -39,6 +40,7 @@ class SFTStage:
     """Stage 1: teacher-forced cross-entropy on (audio, instruction) -> reference summary."""
 
     name = "sft"
+    prepare_uses_model = False  # nothing to gather for it under fsdp2 (train/loop.py whole_model)
 
     def prepare(self, model, batch: Batch) -> Batch:
         return batch
@@ -87,6 +89,13 @@ class DPOStage:
     it, and every other parameter that trains (the projector) is swapped back to its value at
     construction, so a pair first met after some steps is still scored by pi_ref, and a resumed
     run computes the same references.
+
+    Under run.strategy = "fsdp2" the values kept are whole (taken before sharding, or gathered if
+    the stage is built after it). The loop runs `prepare` and the held-out evaluation on the model
+    gathered whole (train/loop.py whole_model), so the swap writes into the gathered weights the
+    reference forward uses, and the shards, which the training forward gathers from, are never
+    touched; called on the sharded model, each rank writes its own shard (`copy_into`) and the
+    next gathering of the projector sees it.
     """
 
     name = "dpo"
@@ -95,8 +104,8 @@ class DPOStage:
         self.beta, self.label_smoothing = beta, label_smoothing
         self.reference_logps: dict[str, tuple[float, float]] = {}
         self.reference_computations = 0
-        self.reference_params = {  # trainable tensors outside the LoRA adapters, as pi_ref has them
-            name: param.detach().clone() for name, param in model.named_parameters()
+        self.reference_params = {  # trainable tensors outside the LoRA adapters, whole, as pi_ref has them
+            name: full_tensor(param.detach()).clone() for name, param in model.named_parameters()
             if param.requires_grad and not name.endswith((".lora_a", ".lora_b"))
         }
 
@@ -104,17 +113,15 @@ class DPOStage:
     def reference_model(self, model):
         """The model as pi_ref inside the block: adapters off, other trainable tensors at their start."""
         params = dict(model.named_parameters())
-        current = {name: params[name].detach().clone() for name in self.reference_params}
-        with torch.no_grad():
-            for name, value in self.reference_params.items():
-                params[name].copy_(value)
+        current = {name: params[name].detach().clone() for name in self.reference_params}  # whole, or shards
+        for name, value in self.reference_params.items():
+            copy_into(params[name], value)
         try:
             with lora_disabled(model):
                 yield model
         finally:
-            with torch.no_grad():
-                for name, value in current.items():
-                    params[name].copy_(value)
+            for name, value in current.items():
+                copy_into(params[name], value)
 
     def prepare(self, model, batch: Batch) -> Batch:
         pair_ids = batch.ids[0::2]

@@ -1,14 +1,19 @@
 """A tiny SFT run, launched by the training tests in a subprocess (plain python or torchrun).
 
     python tests/train/worker.py OUT_DIR [--grad-accum A] [--steps S] [--save-every K]
-                                 [--kill-after N] [--dropout P]
+                                 [--kill-after N] [--dropout P] [--strategy ddp|fsdp2] [--bfloat16]
+                                 [--uneven-prepare]
 
 Builds the same text-only toy SpeechLM and synthetic examples on every rank (fixed seeds),
 applies LoRA, trains with train.loop.train and leaves checkpoints and metrics.jsonl in OUT_DIR.
 --kill-after N: after N optimizer steps in this process, SIGKILL itself (no clean shutdown).
+--strategy: run.strategy. --bfloat16: frozen weights in bf16, LoRA factors kept in float32 (as
+train/recipe.py does for model.dtype = "bfloat16"). --uneven-prepare: the stage's prepare calls
+the model rank + 1 times per batch (`UnevenPrepareSFT`), changing nothing of the run.
 """
 import argparse
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -44,6 +49,21 @@ def tiny_model(dropout: float) -> SpeechLM:
     return model
 
 
+class UnevenPrepareSFT(SFTStage):
+    """SFT whose prepare calls the model a different number of times on each rank, as KD's
+    rollouts do when their samples end at different lengths; it returns the batch unchanged."""
+
+    prepare_uses_model = True
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def prepare(self, model, batch):
+        for _ in range(self.rank + 1):
+            model.hidden_states(batch.input_ids)
+        return batch
+
+
 def examples(count: int = 32) -> list[Example]:
     gen = torch.Generator().manual_seed(99)
     out = []
@@ -62,18 +82,29 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--kill-after", type=int, default=0)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--bfloat16", action="store_true")
+    parser.add_argument("--uneven-prepare", action="store_true")
     args = parser.parse_args()
 
+    logging.basicConfig(level=logging.INFO)  # train/fsdp2.py says on stderr when it has sharded the model
     info = init_distributed("cpu")
     config = load_config(None, [f"run.out_dir={args.out_dir}", f"optim.grad_accum={args.grad_accum}",
                                 f"optim.max_steps={args.steps}", f"run.save_every={args.save_every}",
-                                "optim.lr=0.01", "optim.warmup_steps=1", "data.batch_size=2", "run.keep_last=10"])
+                                "optim.lr=0.01", "optim.warmup_steps=1", "data.batch_size=2", "run.keep_last=10",
+                                f"run.strategy={args.strategy}"])
     seed_everything(config.run.seed, info.rank)
     model = tiny_model(args.dropout)
+    if args.bfloat16:
+        model.to(torch.bfloat16)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     data = ExampleSource(examples(), config.data.batch_size, seed=config.run.seed, rank=info.rank,
                          world_size=info.world_size)
     stop_after = args.kill_after or None
-    train(config, model, SFTStage(), data, info, stop_after=stop_after)
+    stage = UnevenPrepareSFT(info.rank) if args.uneven_prepare else SFTStage()
+    train(config, model, stage, data, info, stop_after=stop_after)
     if args.kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
     shutdown()
