@@ -38,7 +38,7 @@ Uniforms have 24 bits, so Gumbel noise is exact up to a resolution of 2^-24 in p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -83,6 +83,16 @@ class Rollout:
     mask: torch.Tensor  # (B*N, L) True on generated tokens up to and including the EOS
     lengths: torch.Tensor  # (B*N,) number of True entries of each mask row
     prompt_index: torch.Tensor  # (B*N,) which prompt each row continues
+
+
+class Sampler(Protocol):
+    """A sampling engine as on-policy KD calls it (train.stages.KDStage's `sampler`): `generate`
+    below is one; another (a vLLM engine, a sampler over raw audio) plugs in by returning a
+    Rollout whose `tokens` / `lengths` hold each prompt's sampled response."""
+
+    def __call__(self, model, prompts: list[torch.Tensor], params: SamplingParams, *,
+                 audio_features: torch.Tensor | None = None,
+                 audio_lengths: torch.Tensor | None = None) -> Rollout: ...
 
 
 def left_pad(prompts: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

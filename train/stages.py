@@ -19,7 +19,7 @@ from losses.kd import check_divergence
 from losses.kd_fused import fused_kd_loss
 from losses.sft import masked_cross_entropy
 from model.lora import lora_disabled
-from rollout.sampler import SamplingParams, generate
+from rollout.sampler import Sampler, SamplingParams, generate
 from rollout.teachers import FullLogprobs, TopKLogprobs
 
 from .config import ConfigError
@@ -167,7 +167,8 @@ class KDStage:
     student's hidden states and LM-head weight (losses.kd_fused.fused_kd_loss: no [tokens, V]
     logits), by name: "forward" KL by default (the paper), "reverse" KL or "jsd" (generalized
     JSD with 0 < beta < 1, `beta` is used by it alone) for full-vocabulary teachers; plus
-    `ce_weight` times the cross-entropy of the same tokens.
+    `ce_weight` times the cross-entropy of the same tokens. The sampling engine is injected like
+    the teacher (`sampler`, rollout.generate by default), so another engine needs no change here.
     """
 
     name = "kd"
@@ -175,7 +176,8 @@ class KDStage:
     def __init__(self, teacher, *, pad_token_id: int, eos_token_ids=(), max_new_tokens: int = 256,
                  temperature: float = 1.0,
                  on_policy_fraction: float = 1.0, divergence: str = "forward", beta: float | None = None,
-                 ce_weight: float = 0.0, decode: Callable[[list[int]], str] | None = None):
+                 ce_weight: float = 0.0, decode: Callable[[list[int]], str] | None = None,
+                 sampler: Sampler = generate):
         try:
             check_divergence(divergence, beta)
         except ValueError as error:
@@ -189,14 +191,15 @@ class KDStage:
         self.on_policy_fraction, self.ce_weight = on_policy_fraction, ce_weight
         self.divergence, self.beta = divergence, beta
         self.decode = decode  # token ids -> text, for the repetition the eval table reports; None: token 4-grams
+        self.sampler = sampler  # draws the on-policy responses, injected as the teacher is (rollout.sampler.Sampler)
 
     def prepare(self, model, batch: Batch) -> KDBatch:
         on_policy = bool(torch.rand(()) < self.on_policy_fraction)
         if on_policy:
             params = SamplingParams(self.max_new_tokens, temperature=self.temperature,
                                     eos_token_ids=self.eos_token_ids, seed=int(torch.randint(0, 2**31 - 1, ())))
-            rollout = generate(model, batch.prompts, params, audio_features=batch.audio_features,
-                               audio_lengths=batch.audio_lengths)
+            rollout = self.sampler(model, batch.prompts, params, audio_features=batch.audio_features,
+                                   audio_lengths=batch.audio_lengths)
             responses = [rollout.tokens[i, :n].tolist() for i, n in enumerate(rollout.lengths.tolist())]
         else:
             responses = [e.response_ids for e in batch.examples]

@@ -94,3 +94,33 @@ def test_kd_step_with_an_api_teacher_over_http(checkpoints, served_teacher, tmp_
     train(config, model, stage, ExampleSource(examples(tokenizer, 0, 4), 2), CPU)
     assert teacher.usage.requests == 2  # one scoring request per response, over real HTTP
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_an_injected_sampler_draws_the_responses_the_teacher_scores(checkpoints):
+    """KDStage asks its `sampler` (rollout.sampler.Sampler) for the on-policy responses: a stand-in
+    engine returning fixed tokens is called once with the batch's prompts and sampling params, and
+    exactly its responses (cut at their lengths) are collated and scored."""
+    from rollout.sampler import Rollout
+
+    teacher_dir, student_dir = checkpoints
+    tokenizer = load_tokenizer(student_dir)
+    model = student(student_dir)
+    batch = collate(examples(tokenizer, 0, 2), model.config.decoder.pad_token_id)
+    eos = tuple(model.config.decoder.eos_token_ids)
+    calls, fixed = [], torch.tensor([[7, 8, 9, eos[0]], [10, 11, 0, 0]])
+
+    def engine(model_, prompts, params, *, audio_features=None, audio_lengths=None):
+        calls.append((prompts, params))
+        lengths = torch.tensor([4, 2])
+        return Rollout(tokens=fixed, logprobs=None, mask=torch.arange(4)[None, :] < lengths[:, None],
+                       lengths=lengths, prompt_index=torch.arange(2))
+
+    teacher = LocalTeacher.from_pretrained(teacher_dir, top_k=5)
+    stage = KDStage(teacher, pad_token_id=model.config.decoder.pad_token_id, eos_token_ids=eos,
+                    max_new_tokens=6, sampler=engine)
+    prepared = stage.prepare(model, batch)
+    assert len(calls) == 1 and calls[0][1].max_new_tokens == 6 and calls[0][1].eos_token_ids == eos
+    assert [p.tolist() for p in calls[0][0]] == [p.tolist() for p in batch.prompts]
+    assert [e.response_ids for e in prepared.batch.examples] == [[7, 8, 9, eos[0]], [10, 11]]
+    assert prepared.on_policy and prepared.ended_with_eos == [True, False]
+    assert prepared.teacher.mask.sum(-1).tolist() == [4, 2]  # the teacher scored those responses
