@@ -44,6 +44,7 @@ from model.safeio import atomic_save_safetensors, atomic_write_bytes, atomic_wri
 
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, rng_state, set_rng_state
+from . import fsdp2
 from .fsdp2 import copy_into
 
 logger = logging.getLogger(__name__)
@@ -286,3 +287,49 @@ def agree_on_resume(choice: SavedStep | CheckpointError | None, info: DistInfo) 
 
 # ---------------------------------------------------------------------------------------------
 # logging
+
+
+class Checkpointer:
+    """Where a run resumes from and where its steps go (train/checkpoints.py: atomic step
+    folders, manifests, the newest intact step, every rank agreeing). The loop only asks it to
+    resume and to save; `FSDP2Checkpointer` changes how the state is gathered and restored, not
+    the format."""
+
+    def __init__(self, out_dir: Path, config: TrainConfig, info: DistInfo):
+        self.out_dir, self.config, self.info = out_dir, config, info
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Position:
+        """The position of the newest usable saved step (weights and optimizer restored), or a fresh one."""
+        try:
+            choice = choose_resume_step(self.out_dir, self.info)
+        except CheckpointError as err:
+            choice = err
+        agree_on_resume(choice, self.info)
+        if isinstance(choice, CheckpointError):
+            raise choice
+        return Position() if choice is None else self.restore(choice, model, optimizer)
+
+    def restore(self, saved: SavedStep, model: nn.Module, optimizer: torch.optim.Optimizer) -> Position:
+        return restore_step(saved, model, optimizer)
+
+    def state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
+        """(trainable tensors, optimizer state) as rank 0 writes them; every rank holds the same under DDP."""
+        return trainable_state(model), optimizer.state_dict()
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, position: Position) -> None:
+        trainable, optimizer_state = self.state(model, optimizer)
+        save_checkpoint(self.out_dir, trainable, optimizer_state, position, self.config, self.info,
+                        self.config.run.keep_last)
+
+
+class FSDP2Checkpointer(Checkpointer):
+    """Checkpoints of a sharded model in the same format as ddp's: saving gathers the whole
+    trainable tensors and optimizer state to rank 0 (every rank takes part); resuming, every rank
+    reads the whole step and keeps its shards (train/fsdp2.py says why this format)."""
+
+    def restore(self, saved: SavedStep, model: nn.Module, optimizer: torch.optim.Optimizer) -> Position:
+        return restore_step(saved, model, optimizer,
+                            load_optimizer_state=lambda state: fsdp2.load_optimizer_state(model, optimizer, state))
+
+    def state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
+        return fsdp2.full_trainable_state(model), fsdp2.full_optimizer_state(model, optimizer)

@@ -34,17 +34,18 @@ Batches are loaded one step ahead on a background thread (`Prefetcher`, through 
 
 Seams for what comes next: `wrap_for_training` returns the module the loop calls (DDP or
 FSDP2), `Checkpointer` resumes and saves (a sharded on-disk format would replace
-`FSDP2Checkpointer`), a stage's `prepare` is where another sampler plugs in (a vLLM engine
-for KD rollouts). The run's length is computed (`total_steps`), never written back into the
-config, and `train()` reads top to bottom as the four steps above.
+`FSDP2Checkpointer`), and KD's sampling engine is injected into its stage
+(`KDStage(sampler=...)`, rollout.sampler.Sampler: a vLLM engine for KD rollouts plugs in
+there). The run's length is computed (`total_steps`), never written back into the config, and
+`train()` reads top to bottom as the four steps above.
 
-Checkpoints, their manifests and the choice of the step to resume from: train/checkpoints.py.
+Checkpoints, their manifests, the choice of the step to resume from and the checkpointers:
+train/checkpoints.py. A NaN or inf loss: train/nonfinite.py.
 Metrics (out_dir/metrics.jsonl, and TensorBoard / Weights & Biases when switched on): train/metrics.py.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -57,15 +58,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from data.manifest import DataError, Issue
-from model.checkpoint import CheckpointError
-from model.safeio import atomic_write_text
-
 from . import fsdp2
-from .checkpoints import (Position, SavedStep, agree_on_resume, choose_resume_step, restore_step, save_checkpoint,
-                          trainable_state)
+from .checkpoints import Checkpointer, FSDP2Checkpointer, Position
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, is_distributed
 from .metrics import MetricsLog, check_sink_packages, open_sinks
+from .nonfinite import report_nonfinite
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +92,6 @@ class BatchSource(Protocol):
     def load(self, plan: Any) -> Any: ...
 
     def sample_ids(self, batch: Any) -> list[str]: ...
-
-
-class NonFiniteLoss(RuntimeError):
-    """A loss of NaN or inf: the run stops on every rank (see report_nonfinite)."""
 
 
 class Prefetcher:
@@ -171,52 +165,6 @@ def autocast_context(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-class Checkpointer:
-    """Where a run resumes from and where its steps go (train/checkpoints.py: atomic step
-    folders, manifests, the newest intact step, every rank agreeing). The loop only asks it to
-    resume and to save; `FSDP2Checkpointer` changes how the state is gathered and restored, not
-    the format."""
-
-    def __init__(self, out_dir: Path, config: TrainConfig, info: DistInfo):
-        self.out_dir, self.config, self.info = out_dir, config, info
-
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Position:
-        """The position of the newest usable saved step (weights and optimizer restored), or a fresh one."""
-        try:
-            choice = choose_resume_step(self.out_dir, self.info)
-        except CheckpointError as err:
-            choice = err
-        agree_on_resume(choice, self.info)
-        if isinstance(choice, CheckpointError):
-            raise choice
-        return Position() if choice is None else self.restore(choice, model, optimizer)
-
-    def restore(self, saved: SavedStep, model: nn.Module, optimizer: torch.optim.Optimizer) -> Position:
-        return restore_step(saved, model, optimizer)
-
-    def state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
-        """(trainable tensors, optimizer state) as rank 0 writes them; every rank holds the same under DDP."""
-        return trainable_state(model), optimizer.state_dict()
-
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, position: Position) -> None:
-        trainable, optimizer_state = self.state(model, optimizer)
-        save_checkpoint(self.out_dir, trainable, optimizer_state, position, self.config, self.info,
-                        self.config.run.keep_last)
-
-
-class FSDP2Checkpointer(Checkpointer):
-    """Checkpoints of a sharded model in the same format as ddp's: saving gathers the whole
-    trainable tensors and optimizer state to rank 0 (every rank takes part); resuming, every rank
-    reads the whole step and keeps its shards (train/fsdp2.py says why this format)."""
-
-    def restore(self, saved: SavedStep, model: nn.Module, optimizer: torch.optim.Optimizer) -> Position:
-        return restore_step(saved, model, optimizer,
-                            load_optimizer_state=lambda state: fsdp2.load_optimizer_state(model, optimizer, state))
-
-    def state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
-        return fsdp2.full_trainable_state(model), fsdp2.full_optimizer_state(model, optimizer)
 
 
 def whole_model(wrapped: nn.Module, needed: bool = True):
@@ -394,35 +342,3 @@ def reduce_metrics(sums: dict[str, float], counts: dict[str, float], global_unit
                                          dtype=torch.float64, device=info.device)).tolist()
     denominators = {k: totals[len(keys) + i] for i, k in enumerate(counted)}
     return {k: totals[i] / max(denominators.get(k, global_units), 1e-12) for i, k in enumerate(keys)}
-
-
-def report_nonfinite(out_dir: Path, step: int, info: DistInfo, sample_ids: list[str], own: bool,
-                     model: nn.Module | None = None) -> None:
-    """Stop every rank (all of them call this); the rank whose loss is bad says who is at fault:
-    its weights when any parameter already holds NaN or inf (an earlier step diverged), else its
-    batch, whose sample ids it saves."""
-    broken = [] if model is None else nonfinite_parameters(model, info)  # collective under fsdp2: before any raise
-    if not own:
-        raise NonFiniteLoss(f"step {step}: another rank's loss is NaN or inf (see its nonfinite_step{step}_rank*.json "
-                            f"in {out_dir}); stopping rank {info.rank} too")
-    if broken:
-        raise NonFiniteLoss(f"step {step}, rank {info.rank}: the loss is NaN or inf because the model's weights are: "
-                            f"{len(broken)} parameter tensor(s) hold NaN or inf (first {broken[0]}); the inputs are "
-                            "not at fault. Resume from an earlier checkpoint with a lower optim.lr")
-    path = out_dir / f"nonfinite_step{step}_rank{info.rank}.json"
-    atomic_write_text(path, json.dumps({"step": step, "rank": info.rank, "sample_ids": sample_ids}))
-    raise NonFiniteLoss(f"step {step}, rank {info.rank}: the loss is NaN or inf on samples {sample_ids[:8]}; "
-                        f"their ids are saved in {path}. Check these inputs, or lower optim.lr")
-
-
-def nonfinite_parameters(model: nn.Module, info: DistInfo) -> list[str]:
-    """Names of the parameters holding NaN or inf. A sharded (fsdp2) parameter is checked shard by
-    shard and the verdicts are summed over the ranks, so under fsdp2 every rank must call this."""
-    names, flags, sharded = [], [], False
-    for name, param in model.named_parameters():
-        names.append(name)
-        flags.append(float(not torch.isfinite(fsdp2.local_part(param.detach())).all()))
-        sharded = sharded or fsdp2.is_sharded(param)
-    if sharded and names:
-        flags = all_reduce_sum(torch.tensor(flags, dtype=torch.float32, device=info.device)).tolist()
-    return [name for name, flag in zip(names, flags) if flag]

@@ -46,8 +46,9 @@ from .checkpoints import load_trainable
 from .config import ConfigError, TrainConfig, load_config
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, seed_everything, shutdown
 from .fsdp2 import full_trainable_state, is_sharded
-from .loop import NonFiniteLoss, train
+from .loop import train
 from .metrics import check_sink_packages
+from .nonfinite import NonFiniteLoss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

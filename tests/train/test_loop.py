@@ -107,7 +107,7 @@ def test_nonfinite_loss_stops_with_the_sample_ids(tmp_path):
     sys.path.insert(0, str(WORKER.parent))
     from worker import examples, tiny_model
 
-    from train.loop import NonFiniteLoss
+    from train.nonfinite import NonFiniteLoss
 
     class PoisonedSFT(SFTStage):
         def loss(self, model, batch):
@@ -127,7 +127,7 @@ def test_nonfinite_weights_are_blamed_on_the_weights_not_the_samples(tmp_path):
     sys.path.insert(0, str(WORKER.parent))
     from worker import examples, tiny_model
 
-    from train.loop import NonFiniteLoss
+    from train.nonfinite import NonFiniteLoss
 
     class CorruptingSFT(SFTStage):  # a parameter turns NaN before step 3's forward
         def loss(self, model, batch):
