@@ -5,7 +5,7 @@
 
 For each recording with a transcript:
   1. the LLM proposes `--candidates` (default 8) summarization queries as JSON, each with a
-     style and an importance score 1-10 (`PROPOSE_TEMPLATE`);
+     style and an importance score 1-10 (data/synth_prompts.py `PROPOSE_TEMPLATE`);
   2. queries scored below `--threshold` are dropped (default 7: the LLM's "useful, natural and
      answerable" upper range; the paper says only that low-scoring queries are dropped), as are
      repeats of a query already kept for this recording (case and spacing ignored); then
@@ -18,114 +18,37 @@ For each recording with a transcript:
 Query styles: short, bullets, json, email, length_limit (a word / sentence / bullet limit),
 part_question (a question about one part of the recording), other.
 
-Output: one manifest row per chosen query (data/manifest.py, readable by the SFT dataset):
-the recording's fields with `instruction` = the query and `summary` = the reference,
-`audio_filepath` relative to the output's folder, `id` = the recording id (`{id}/q1`, `{id}/q2`,
-... when more than one query was chosen for it), and a `synth` record: source_id, query_index, queries_chosen,
-style, importance, and the recording's proposal counts (proposed, valid, kept). Recordings
-without a surviving query go to `{out}.rejected.jsonl` with the same counts.
-
-Resumable and crash-safe: rows are appended and fsync'ed one recording at a time; on start, a
-torn last line and the rows of a recording with fewer rows than its `queries_chosen` are
-removed, and recordings present in either file are skipped. Requests go through the shared
-client (api.client.ApiClient): retries with backoff, an on-disk cache (`--cache-dir`,
-default `{out}.cache`), so an interrupted recording re-asks nothing that was answered,
-bounded concurrency (`--concurrency`). A recording whose requests exhaust their retries is
-counted as failed and left for the next run; more than `--max-failures` stop the run; a
-request the server refuses (HTTP 4xx, e.g. an unknown model) stops it at once.
-
-At the end the statistics over the whole output (resumed rows included) are printed and
-returned (`run`): acceptance rate of proposed queries, the style mix of the chosen queries,
-summary lengths in words, and the client's usage.
-
-Request parameters: the proposal is sampled at `--propose-temperature` (default 1.0: varied
-queries), the summary at `--summary-temperature` (default 0.3: close to the transcript);
-`none` sends no temperature, as reasoning models (o-series, GPT-5) require, which accept only
-their default. `--max-tokens` (default 4096) is sent as `max_completion_tokens` (it bounds a
-reasoning model's hidden reasoning too); `none` sends no limit. These parameters are part of
-every request and so of its cache key: a changed value asks again instead of reusing a cached
-reply. A classic Azure OpenAI deployment is reached with `--azure-api-version` /
-`--azure-deployment` or a base URL with `?api-version=` (docs/api-client.md).
+Output rows, the rejected file, resuming, the statistics and the request parameters:
+docs/synth.md. The prompts and the parsing of the replies: data/synth_prompts.py; the
+crash-safe JSON-lines rows: data/jsonl_rows.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import random
-import re
 import statistics
 import sys
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from api.client import ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError
 from api.options import (add_client_arguments, check_generation, client_options, generation_params,
                          optional_max_tokens, optional_temperature)
 from model.errors import report_error
 
+from .jsonl_rows import append_rows, read_rows
 from .manifest import DataError, ManifestEntry, read_manifest
+from .synth_prompts import (PROMPT_VERSION, PROPOSE_SYSTEM, PROPOSE_TEMPLATE, QUERY_STYLES, SUMMARY_SYSTEM,
+                            SUMMARY_TEMPLATE, Candidate, choose, parse_candidates)
 
 logger = logging.getLogger(__name__)
 
-QUERY_STYLES = ("short", "bullets", "json", "email", "length_limit", "part_question", "other")
-STYLE_ALIASES = {"bullet": "bullets", "bullet_points": "bullets", "list": "bullets", "e_mail": "email",
-                 "mail": "email", "length": "length_limit", "limit": "length_limit", "question": "part_question",
-                 "brief": "short", "structured": "json"}
 DEFAULT_THRESHOLD = 7
 DEFAULT_CANDIDATES = 8
-PROMPT_VERSION = "synth/v1"  # part of every cache key: change it when the prompts change
-
-PROPOSE_SYSTEM = (
-    "You design instruction data for a model that listens to recordings (meetings, lectures, podcasts, "
-    "interviews) and answers requests about them. You answer only with the JSON object you are asked for."
-)
-
-PROPOSE_TEMPLATE = """Below is the transcript of a recording. Propose {count} different requests that a user could make of an assistant that has listened to this recording and must answer from it alone. Each request asks for a summary of the recording or for information drawn from it. Vary the form across these styles:
-- short: a brief summary in one to three sentences
-- bullets: a bulleted list (key points, decisions, action items, open questions)
-- json: structured output as JSON with the fields the request names
-- email: a summary written as an e-mail to someone who missed the recording
-- length_limit: a summary under an explicit limit (a number of words, sentences or bullets)
-- part_question: a question about one part of the recording (a topic, a speaker, a stretch of time)
-- other: any other useful summarization request
-
-Write each request as a user would, in one or two sentences, without quoting the transcript at length. Rate the importance of each request from 1 to 10: how useful, natural and answerable from this recording it is as a summarization task (10: central to the recording and clearly answerable; 1: trivial, off-topic, or not answerable from the transcript).
-
-<transcript>
-{transcript}
-</transcript>
-
-Answer with one JSON object and nothing else:
-{{"queries": [{{"query": "...", "style": "short | bullets | json | email | length_limit | part_question | other", "importance": <1-10>}}]}}"""
-
-SUMMARY_SYSTEM = (
-    "You write reference answers for requests about recordings. You have listened to the recording; "
-    "its transcript is your only source."
-)
-
-SUMMARY_TEMPLATE = """Below is the transcript of a recording and a request from a user about it. Write the response the user asked for.
-
-Follow the request's format, content and length exactly (bullets, JSON, e-mail, word or sentence limits). Where the request sets no length, be thorough: cover every relevant point with its details (names, numbers, decisions and their reasons) rather than a one-line gist. State only what the transcript supports: do not invent names, numbers or events. Do not mention the transcript; write as someone who heard the recording. Answer with the response alone, without a preamble.
-
-<transcript>
-{transcript}
-</transcript>
-
-<request>
-{query}
-</request>"""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    query: str
-    style: str
-    importance: float
 
 
 @dataclass(frozen=True)
@@ -156,69 +79,6 @@ class Proposal:
     candidates: list[Candidate]
     proposed: int  # items in the reply
     kept: int  # valid, at or above the threshold, not a repeat
-
-
-def parse_candidates(content: str) -> tuple[list[Candidate], int]:
-    """(valid candidates, items in the reply) from a proposal reply.
-
-    Tolerates code fences and prose around the JSON object; items without a non-empty query or
-    with an importance that is not a number in [1, 10] are dropped; common style names are mapped
-    onto QUERY_STYLES ("bullet points" -> bullets, "e-mail" -> email), others become "other".
-    MalformedResponseError (retried by the client) when no JSON list of queries is found.
-    """
-    items = _queries_list(content)
-    if items is None:
-        raise MalformedResponseError(f"no JSON object with a list of queries in the reply: {content[:200]!r}")
-    valid = []
-    for item in items:
-        if not isinstance(item, dict):
-            continue
-        query, importance = item.get("query"), item.get("importance")
-        if isinstance(importance, str):
-            match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*", importance)
-            importance = float(match.group(1)) if match else None
-        if not isinstance(query, str) or not query.strip() or isinstance(importance, bool):
-            continue
-        if not isinstance(importance, (int, float)) or not 1 <= importance <= 10:
-            continue
-        style = str(item.get("style", "")).strip().lower().replace("-", "_").replace(" ", "_")
-        style = STYLE_ALIASES.get(style, style)
-        valid.append(Candidate(" ".join(query.split()), style if style in QUERY_STYLES else "other", float(importance)))
-    return valid, len(items)
-
-
-def _queries_list(content: str) -> list | None:
-    """The "queries" list of the last JSON object that has one (or the first bare JSON list)."""
-    decoder = json.JSONDecoder()
-    position, found, bare = 0, None, None
-    while (match := re.compile(r"[\[{]").search(content, position)) is not None:
-        try:
-            value, position = decoder.raw_decode(content, match.start())
-        except ValueError:
-            position = match.start() + 1
-            continue
-        if isinstance(value, dict) and isinstance(value.get("queries"), list):
-            found = value["queries"]
-        elif isinstance(value, list) and bare is None:
-            bare = value
-    return found if found is not None else bare
-
-
-def choose(candidates: Sequence[Candidate], *, threshold: float, count: int, seed: int, recording_id: str
-           ) -> tuple[list[Candidate], int]:
-    """(chosen, kept): drop scores below `threshold` and repeats, then draw `count` at random.
-
-    The generator is seeded by (seed, recording id) only: the same recording always gets the
-    same queries, whatever the order or the concurrency of the run.
-    """
-    survivors, seen = [], set()
-    for candidate in candidates:
-        key = candidate.query.casefold()
-        if candidate.importance >= threshold and key not in seen:
-            seen.add(key)
-            survivors.append(candidate)
-    rng = random.Random(f"{seed}:{recording_id}")
-    return rng.sample(survivors, min(count, len(survivors))), len(survivors)
 
 
 class Synthesizer:
@@ -294,57 +154,6 @@ def output_rows(entry: ManifestEntry, results: list[tuple[Candidate, str]], prop
 
 def _counts(proposal: Proposal) -> dict[str, int]:
     return {"proposed": proposal.proposed, "valid": len(proposal.candidates), "kept": proposal.kept}
-
-
-def append_rows(path: Path, rows: Iterable[dict]) -> None:
-    """Append JSON lines in one write, flushed and fsync'ed (a crash tears at most the last line)."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_rows(path: Path, complete: Callable[[list[dict]], bool] | None = None, key: str = "id") -> list[dict]:
-    """The rows of an append-only JSON-lines file, repairing what a crash can leave behind.
-
-    A torn last line (no newline, or not JSON) is dropped; with `complete`, the rows are grouped
-    by `key` and groups for which `complete(rows)` is False are dropped too. The file is
-    rewritten (atomically) only when something was dropped.
-    """
-    if not path.exists():
-        return []
-    lines = path.read_bytes().split(b"\n")
-    torn = lines[-1].strip() != b""  # an append cut short: the text after the last newline
-    rows = []
-    for number, line in enumerate(lines[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            raise ValueError(f"{path}:{number}: not valid JSON; the file was edited or written by something "
-                             "else: fix or remove that line") from None
-    kept = rows
-    if complete is not None:
-        groups: dict[Any, list[dict]] = {}
-        for row in rows:
-            groups.setdefault(_dig(row, key), []).append(row)
-        kept = [row for row in rows if complete(groups[_dig(row, key)])]
-    if torn or len(kept) != len(rows):
-        logger.warning("%s: removed %d incomplete row(s) left by an interrupted run", path,
-                       len(rows) - len(kept) + int(torn))
-        from model.safeio import atomic_write_text
-
-        atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
-    return kept
-
-
-def _dig(row: dict, dotted: str) -> Any:
-    value: Any = row
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 def _complete_recording(rows: list[dict]) -> bool:

@@ -76,7 +76,7 @@ from data.audio import DurationPolicy
 from data.batching import collate
 from data.dataset import ManifestDataset
 from data.manifest import DataError, ManifestEntry, read_manifest
-from data.synth import append_rows, read_rows
+from data.jsonl_rows import append_rows, read_rows
 from data.text import repetition
 from eval.judge import add_judge_arguments, judge_request_options
 from model.errors import report_error

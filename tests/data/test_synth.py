@@ -16,7 +16,8 @@ from api.retry import RetryPolicy
 from data import synth
 from data.dataset import ManifestDataset
 from data.manifest import load_manifest
-from data.synth import PROPOSE_SYSTEM, SynthConfig, choose, parse_candidates
+from data.synth import SynthConfig
+from data.synth_prompts import PROPOSE_SYSTEM, choose, parse_candidates
 from tests.api.http_stub import Reply, StubServer
 from tests.data.helpers import tokenizer, tone, write_audio, write_manifest
 

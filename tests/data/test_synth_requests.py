@@ -8,7 +8,8 @@ import pytest
 
 from api.client import ApiClient
 from data import synth
-from data.synth import PROPOSE_SYSTEM, SynthConfig, Synthesizer
+from data.synth import SynthConfig, Synthesizer
+from data.synth_prompts import PROPOSE_SYSTEM
 from tests.api.http_stub import Reply, StubServer
 from tests.data.helpers import write_manifest
 
