@@ -1,5 +1,7 @@
 """One-shot GPU check: bf16 accuracy, attention kernels, DDP, decode bandwidth, sampler speed, KD-loss memory.
 
+Kept in one file: it is copied to and run on a lent GPU machine as a single script.
+
 Meant to run once on one NVIDIA H100 / H200 in a few minutes (well under 8), with random
 weights (no checkpoint, no data, no network), so a GPU session answers in one script what this
 project's CPU benchmarks cannot: whether bf16 logits stay close to fp32, which attention kernels
