@@ -52,8 +52,8 @@ from torch import Tensor
 from api.client import ApiClient, ApiError, ApiRequest, EndpointError, MalformedResponseError
 
 from .scoring import NEG_INF, TokenIds
-from .teachers import (DEFAULT_TOP_K, TEACHER_TEMPLATE, TeacherChatTemplate, TopKLogprobs, _check_pairs,
-                       teacher_prompt_ids)
+from .teacher_format import TEACHER_TEMPLATE, TeacherChatTemplate
+from .teachers import DEFAULT_TOP_K, TopKLogprobs, _check_pairs, teacher_prompt_ids
 
 logger = logging.getLogger(__name__)
 

@@ -103,7 +103,7 @@ class KDSection:
     # the student's for openai:. Its vocabulary must match the student's on ordinary text (checked at start).
     teacher_tokenizer: str = ""
     # The teacher's chat template: "" / "phi" (the student's), "chatml", "harmony" (gpt-oss), or a string
-    # with {user} and the teacher's special-token markers (rollout/teachers.py TeacherChatTemplate).
+    # with {user} and the teacher's special-token markers (rollout/teacher_format.py TeacherChatTemplate).
     teacher_template: str = ""
     base_url: str = ""
     api_key_env: str = "OPENAI_API_KEY"  # the variable's name, never its value; "" for a server without auth
@@ -263,9 +263,9 @@ def _paths(value) -> bool:
 
 
 def _teacher_template(value: str) -> bool:
-    """kd.teacher_template parses (rollout/teachers.py TeacherChatTemplate; imported here only when
+    """kd.teacher_template parses (rollout/teacher_format.py TeacherChatTemplate; imported here only when
     checked, as the rest of the config needs nothing of rollout)."""
-    from rollout.teachers import teacher_template_problem
+    from rollout.teacher_format import teacher_template_problem
 
     return teacher_template_problem(value) is None
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from api.retry import RetryPolicy
 from rollout.remote_teacher import OpenAICompatibleTeacher
-from rollout.teachers import LocalTeacher, TeacherChatTemplate, load_teacher_tokenizer, vocabulary_mismatch
+from rollout.teacher_format import EndOfTurnMapped, TeacherChatTemplate, load_teacher_tokenizer, vocabulary_mismatch
+from rollout.teachers import LocalTeacher
 
 from .config import ConfigError
 from .stages import KDStage
@@ -71,9 +72,9 @@ def make_teacher(config, model, tokenizer):
                               "the KD loss compares with the student's token by token, so the sizes must be equal "
                               "(use a teacher of the student's vocabulary, or serve it and use kd.teacher = "
                               "\"openai:MODEL\" with top-k)")
-        return teacher
+        return end_of_turn_mapped(teacher, chat_template, teacher_tokenizer, tokenizer, model)
     try:
-        return OpenAICompatibleTeacher(kd.base_url, target, kd.top_k, tokenizer=teacher_tokenizer,
+        teacher = OpenAICompatibleTeacher(kd.base_url, target, kd.top_k, tokenizer=teacher_tokenizer,
                                        chat_template=chat_template,
                                        api_key_env=kd.api_key_env or None, timeout_s=kd.timeout_s,
                                        retry=RetryPolicy(max_attempts=kd.max_attempts),
@@ -83,6 +84,25 @@ def make_teacher(config, model, tokenizer):
         raise ConfigError(f"[kd] teacher {kd.teacher!r} at {kd.base_url}: {error} (in the config: "
                           f"kd.api_key_env names the variable; kd.api_key_env=\"\" for a server without "
                           f"authentication)") from None
+    return end_of_turn_mapped(teacher, chat_template, teacher_tokenizer, tokenizer, model)
+
+
+def end_of_turn_mapped(teacher, chat_template: TeacherChatTemplate, teacher_tokenizer, tokenizer, model):
+    """`teacher` behind rollout.teacher_format.EndOfTurnMapped when its template ends a turn with a
+    special token of its own (a template other than "phi"): the student's end-of-turn id (its
+    template's `<|end|>`, then the model's other stop ids) is scored as the teacher's."""
+    marker = chat_template.end_marker
+    if marker is None or teacher_tokenizer is None:
+        return teacher
+    ids = teacher_tokenizer.encode(marker)
+    if len(ids) != 1:
+        raise ConfigError(f"kd.teacher_template = {chat_template.spec!r} ends a turn with {marker!r}, which the "
+                          f"teacher's tokenizer encodes as {len(ids)} ids {ids[:8]}: set kd.teacher_tokenizer to the "
+                          "teacher's own tokenizer, which has it as one special token")
+    primary = getattr(tokenizer, "special_ids", {}).get("end") if tokenizer is not None else None
+    stops = model.config.decoder.eos_token_ids if model is not None else getattr(tokenizer, "eos_token_ids", ())
+    student_ends = tuple(dict.fromkeys([*([primary] if primary is not None else []), *stops]))
+    return EndOfTurnMapped(teacher, student_ends, ids[0])
 
 
 def _teacher_tokenizer_source(config, kind: str, target: str) -> str:

@@ -14,17 +14,16 @@ import torch
 
 from model.tokenizer import load_tokenizer, train_sentencepiece
 from rollout.remote_teacher import OpenAICompatibleTeacher
-from rollout.teachers import (
+from rollout.teacher_format import (
     CHAT_TEMPLATE_PRESETS,
     TEACHER_TEMPLATE,
     VOCABULARY_SAMPLE,
-    LocalTeacher,
     TeacherChatTemplate,
     load_teacher_tokenizer,
-    teacher_prompt_ids,
     teacher_template_problem,
     vocabulary_mismatch,
 )
+from rollout.teachers import LocalTeacher, teacher_prompt_ids
 from tests.rollout.tiny_checkpoint import HARMONY_MARKERS, build_tiny_checkpoint, corpus, serving, train_with_markers
 
 HARMONY_SYSTEM = ("You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n\n"
@@ -242,3 +241,54 @@ def test_presets_and_literal_braces_parse():
     braces = TeacherChatTemplate.parse('<|s|>{{"json": 1}} {user}<|e|>')
     assert braces.name == "custom" and braces.parts == (('<|s|>{', None), ('"json": 1}', None), (' ', 'user'),
                                                         ('<|e|>', None))
+
+
+def test_end_markers_of_the_presets_and_of_a_template_string():
+    assert TeacherChatTemplate.parse("").end_marker is None  # phi: the student's own end of turn
+    assert TeacherChatTemplate.parse("chatml").end_marker == "<|im_end|>"
+    assert TeacherChatTemplate.parse("harmony").end_marker == "<|return|>"
+    custom = "<|begin|>{transcript}<|sep|>{instruction}<|eot|>\n<|assistant|>"
+    assert TeacherChatTemplate.parse(custom).end_marker == "<|eot|>"  # the first marker after the last field
+
+
+class RecordingTeacher:
+    """Returns fixed scores and remembers the responses it was asked to score."""
+
+    top_k = 3
+
+    def __init__(self, scored):
+        self.scored, self.seen = scored, []
+
+    def prompt(self, transcript, instruction):
+        return [1, 2]
+
+    def score(self, prompts, responses):
+        self.seen.append(responses)
+        return self.scored
+
+
+def test_end_of_turn_mapping_swaps_the_two_ids_both_ways():
+    """Student ends (6, 2) with 6 its template's <|end|>; the teacher's end of turn is id 9. The
+    teacher must see 9 where the student wrote 6 or 2, and its top-k / full distribution comes
+    back with 9 and 6 exchanged, so the student's <|end|> gets the teacher's end-of-turn mass."""
+    from rollout.teacher_format import EndOfTurnMapped
+    from rollout.teachers import FullLogprobs, TopKLogprobs
+
+    mask = torch.tensor([[True, True, True]])
+    topk = TopKLogprobs(ids=torch.tensor([[[4, 5, 6], [9, 4, 7], [9, 6, 5]]]),
+                        logprobs=torch.log(torch.tensor([[[0.5, 0.3, 0.1], [0.6, 0.2, 0.1], [0.9, 0.05, 0.02]]])),
+                        token_logprobs=torch.tensor([[-0.7, -1.6, -0.1]]), mask=mask)
+    teacher = RecordingTeacher(topk)
+    mapped = EndOfTurnMapped(teacher, student_ends=(6, 2), teacher_end=9)
+    out = mapped.score([[1, 2]], [[4, 7, 6]])
+    assert teacher.seen == [[[4, 7, 9]]] and mapped.top_k == 3 and mapped.prompt("t", "i") == [1, 2]
+    assert out.ids.tolist() == [[[4, 5, 9], [6, 4, 7], [6, 9, 5]]]
+    assert torch.equal(out.logprobs, topk.logprobs) and torch.equal(out.token_logprobs, topk.token_logprobs)
+    assert mapped.score([[1, 2]], [[2]]) is not None and teacher.seen[-1] == [[9]]  # the other stop id too
+
+    full = torch.log_softmax(torch.arange(10.0).repeat(1, 3, 1), dim=-1)  # (1, 3, V=10)
+    teacher = RecordingTeacher(FullLogprobs(logprobs=full, token_logprobs=full[..., 0], mask=mask))
+    out = EndOfTurnMapped(teacher, (6, 2), 9).score([[1, 2]], [[4, 7, 6]])
+    expected = full.clone()
+    expected[..., 6], expected[..., 9] = full[..., 9], full[..., 6]
+    assert torch.equal(out.logprobs, expected) and torch.equal(full, teacher.scored.logprobs)  # not in place

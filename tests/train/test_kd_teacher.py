@@ -10,6 +10,7 @@ import pytest
 
 from model import load_pretrained
 from model.tokenizer import load_tokenizer, train_sentencepiece
+from rollout.teacher_format import EndOfTurnMapped
 from rollout.teachers import LocalTeacher, teacher_prompt_ids
 from tests.rollout.tiny_checkpoint import build_tiny_checkpoint, corpus, train_with_markers
 from tests.train.toy_files import build_toy_files
@@ -100,13 +101,17 @@ def test_make_teacher_builds_prompts_in_the_teachers_template_and_tokenizer(file
     config = teacher_config(files, tmp_path, f"kd.teacher_tokenizer={files['harmony']}",
                             "kd.teacher_template=harmony")
     teacher = kd.make_teacher(config, student, tokenizer)
-    assert isinstance(teacher, LocalTeacher) and teacher.chat_template.name == "harmony"
-    prompt = teacher.prompt("Budget.", "Summarize.")
     harmony = load_tokenizer(files["harmony"], special_tokens={})
+    # harmony ends a turn with <|return|>: the student's <|end|> (6), or its other stop id, is scored as that
+    assert isinstance(teacher, EndOfTurnMapped) and isinstance(teacher.teacher, LocalTeacher)
+    assert teacher.teacher.chat_template.name == "harmony"
+    assert teacher.student_ends == (6, 2) and [teacher.teacher_end] == harmony.encode("<|return|>")
+    prompt = teacher.prompt("Budget.", "Summarize.")
     assert prompt == teacher_prompt_ids(harmony, "Budget.", "Summarize.", chat_template="harmony")
     assert prompt[:1] == [4] and prompt[-1] == 6 and prompt.count(4) == 3  # <|start|> x 3, ends <|message|>
     # the default: the checkpoint's own tokenizer, the Phi template, exactly today's prompt
     default = kd.make_teacher(teacher_config(files, tmp_path), student, tokenizer)
+    assert isinstance(default, LocalTeacher)  # the student's own format: nothing to map
     assert default.prompt("Budget.", "Summarize.") == teacher_prompt_ids(tokenizer, "Budget.", "Summarize.")
 
 
