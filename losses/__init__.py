@@ -5,7 +5,8 @@
   GKD generalized JSD over the full vocabulary, divergences passed by name.
 * ``losses.kd_topk``: eq. 1 for a teacher that reports its top k tokens (an API): k buckets + tail.
 * ``losses.kd_fused``: what training runs, equal to the two above in value and gradient: decoder
-  hidden states and the LM-head weight in, chunked, never the [tokens, vocab] logits at once.
+  hidden states and the LM-head weight in, chunked, never the [tokens, vocab] logits at once
+  (nor a float32 copy of a bf16 LM head).
 * ``losses.dpo``: sequence log-probabilities and the DPO loss, eq. 3.
 
 Conventions shared by every function here

@@ -17,6 +17,15 @@ Per chunk, the loss and its gradient w.r.t. the chunk's logits are computed (in 
 the forward KL, eq. 2 on the logits; by autograd of the per-token divergence for the others)
 and folded at once into the gradients of the hidden states and the weight
 (``_ChunkedLinearLoss``); backward only scales them.
+
+Precision. The logits and everything after them are float32 (float64 stays float64). An LM head
+stored in bf16, as a bf16 model holds it, is never copied whole to float32 (a 2.46 GB copy at
+Phi-4-mini's [200064, 3072]): where the device has no bf16 matmul kernels (a CPU without
+AVX512-BF16 or AMX), or the hidden states are float32, the head is upcast one block of
+vocabulary rows at a time, each block multiplied in float32 (``LinearHead``). Upcasting is
+exact, so the logits are the float32 product of the stored weights, the same numbers as the
+float32 path given an upcast copy of the head. Where the device has the kernels and the hidden
+states are bf16 too (a GPU), the matmul runs in bf16 as the model's own head does.
 """
 from __future__ import annotations
 
@@ -28,22 +37,21 @@ from torch.autograd.function import once_differentiable
 
 from losses import check_mask, check_reduction, compute_dtype, reduce_loss
 from losses.kd import (
-    NEG_INF,
-    _forward_kl_rows,
     check_divergence,
     check_temperature,
     divergence_rows,
     scaled_student_logprobs,
     scaled_teacher_logprobs,
 )
-from losses.kd_topk import (
-    _check_topk,
-    _check_topk_rows,
-    _distinct_topk,
-    _renormalised,
-    _teacher_tail,
-    _topk_membership,
+from losses.kd_chunk import (
+    ChunkValueAndGrad,
+    autograd_value_and_grad,
+    forward_kl_value_and_grad,
+    log_softmax_,
+    topk_forward_kl_value_and_grad,
 )
+from losses.kd_topk import _check_topk, _check_topk_rows
+from losses.linear_head import LinearHead
 
 
 class TeacherLogprobs(NamedTuple):
@@ -74,135 +82,25 @@ class TeacherTopK(NamedTuple):
 # the three forms fused_kd_loss takes
 TeacherDistribution = TeacherLogprobs | TeacherHead | TeacherTopK
 
-# One chunk: (logits (C, V), first row, end row, need_grad) -> (sum of the chunk's per-token
-# losses, d sum / d logits (C, V) or None). It may overwrite ``logits``, which it owns.
-ChunkValueAndGrad = Callable[[Tensor, int, int, bool], tuple[Tensor, Tensor | None]]
-
-
-def _forward_kl_value_and_grad(
-    logits: Tensor, teacher_logprobs: Tensor, temperature: float, need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Eq. 1 on one chunk and its gradient in closed form (eq. 2 on the logits), in place.
-
-    Same function as ``_forward_kl_rows(log_softmax(logits / tau), teacher_logprobs)`` summed:
-        value        = sum_t sum_z p_T(z) [log p_T(z) - log p_S(z)]
-        d / d logits = (p_S sum_z p_T(z) - p_T) / tau     (= (p_S - p_T) / tau for a normalised p_T)
-    which is what autograd of the plain form gives, without its graph. Both arguments are
-    overwritten: (C, V) logits (owned) and teacher log-probs (owned, detached).
-    """
-    student_logprobs = logits.div_(temperature) if temperature != 1.0 else logits
-    # (C, V) log p_S, in place
-    student_logprobs -= torch.logsumexp(student_logprobs, dim=-1, keepdim=True)
-    teacher_probs = teacher_logprobs.exp()  # (C, V) p_T(z)
-    # (C, V) log p_T(z) - log p_S(z) where p_T(z) > 0, else 0 (overwrites the teacher log-probs)
-    log_ratio = teacher_logprobs.sub_(student_logprobs).masked_fill_(teacher_probs == 0, 0.0)
-    value = torch.linalg.vecdot(teacher_probs, log_ratio).sum()  # sum_t KL(p_T || p_S)
-    del log_ratio
-    if not need_grad:
-        return value, None
-    teacher_mass = teacher_probs.sum(-1, keepdim=True)  # (C, 1) sum_z p_T(z)
-    # (C, V) p_S sum p_T - p_T
-    grad = student_logprobs.exp_().mul_(teacher_mass).sub_(teacher_probs)
-    return value, grad.div_(temperature) if temperature != 1.0 else grad
-
-
-def _topk_forward_kl_value_and_grad(
-    logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail: bool, need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Top-k + tail forward KL on one chunk and its gradient in closed form, in place on ``logits``.
-
-    Same function as ``_forward_kl_rows(*kd_topk._topk_bucket_logprobs(logits, ...))`` summed. With
-    teacher bucket probabilities q_b (Q = sum_b q_b) and the student's s_b, the gradient
-    w.r.t. the logit of token z is
-        top-k token z_i:  s_i Q - q_i
-        tail token z:     p_S(z) Q - q_tail p_S(z) / s_tail = softmax_tail(z) (Q s_tail - q_tail)
-        (tail=False: s_i Q - q_i on the top-k tokens with s renormalised over them, 0 elsewhere)
-    where softmax_tail is the softmax over the tail tokens alone. Everything is in log space
-    relative to the tail's own maximum, so neither the tail mass nor the gradient under- or
-    overflows, and the (C, V) work is six in-place passes over ``logits``.
-    """
-    vocab_size = logits.shape[-1]
-    ids, teacher_logprobs, valid = _distinct_topk(topk_ids, topk_logprobs.to(logits.dtype))
-    student_topk_logits = logits.gather(-1, ids)  # (C, k) logits of z_i
-    if not tail:
-        student, teacher = (
-            _renormalised(student_topk_logits, valid), _renormalised(teacher_logprobs, valid)
-        )
-        value = _forward_kl_rows(student, teacher).sum()
-        if not need_grad:
-            return value, None
-        teacher_buckets = teacher.exp()  # (C, k) q_i
-        # (C, k) s_i Q - q_i
-        topk_grad = student.exp() * teacher_buckets.sum(-1, keepdim=True) - teacher_buckets
-        return value, logits.zero_().scatter_add_(-1, ids, torch.where(valid, topk_grad, 0.0))
-
-    in_topk, tail_nonempty = _topk_membership(ids, valid, vocab_size)
-    # (C, V) in place: logits of the tail tokens only
-    tail_logits = logits.masked_fill_(in_topk, NEG_INF)
-    tail_max = tail_logits.amax(-1, keepdim=True)  # (C, 1)
-    # an empty tail (all -inf) keeps 0
-    tail_max = torch.where(tail_nonempty[:, None], tail_max, 0.0)
-    # (C, V) exp(logit_z - tail max) on the tail, 0 on the top-k
-    tail_exp = tail_logits.sub_(tail_max).exp_()
-    tail_sum = tail_exp.sum(-1, keepdim=True)  # (C, 1) >= 1 unless the tail is empty
-    log_tail = tail_max + tail_sum.log()  # (C, 1) log sum_{z in tail} exp(logit_z), -inf if empty
-    topk_logits = torch.where(valid, student_topk_logits, NEG_INF)  # (C, k)
-    # (C, 1) log Z
-    log_normaliser = torch.logaddexp(log_tail, torch.logsumexp(topk_logits, dim=-1, keepdim=True))
-    student_topk = topk_logits - log_normaliser  # (C, k) log p_S(z_i), -inf where not a bucket
-    # (C, 1) log s_tail
-    student_tail = torch.where(tail_nonempty[:, None], log_tail - log_normaliser, NEG_INF)
-    teacher_tail = _teacher_tail(teacher_logprobs, tail_nonempty)[:, None]  # (C, 1) log q_tail
-    student = torch.cat([student_topk, student_tail], dim=-1)  # (C, k + 1)
-    teacher = torch.cat([teacher_logprobs, teacher_tail], dim=-1)  # (C, k + 1)
-    value = _forward_kl_rows(student, teacher).sum()
-    if not need_grad:
-        return value, None
-    teacher_mass = teacher.exp().sum(-1, keepdim=True)  # (C, 1) Q
-    # (C, 1) Q s_tail - q_tail
-    tail_coefficient = teacher_mass * student_tail.exp() - teacher_tail.exp()
-    tail_coefficient = torch.where(tail_nonempty[:, None], tail_coefficient / tail_sum, 0.0)
-    # (C, V) softmax_tail(z) (Q s_tail - q_tail), 0 on the top-k ids
-    grad = tail_exp.mul_(tail_coefficient)
-    topk_grad = student_topk.exp() * teacher_mass - teacher_logprobs.exp()  # (C, k) s_i Q - q_i
-    return value, grad.scatter_add_(-1, ids, torch.where(valid, topk_grad, 0.0))
-
-
-def _autograd_value_and_grad(
-    per_token_loss: Callable[[Tensor, int, int], Tensor]
-) -> ChunkValueAndGrad:
-    """Chunk value and gradient by autograd of a per-token loss (reverse KL, JSD)."""
-
-    def value_and_grad(
-        logits: Tensor, start: int, end: int, need_grad: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        if not need_grad:
-            return per_token_loss(logits, start, end).sum(), None
-        with torch.enable_grad():
-            logits = logits.detach().requires_grad_()
-            chunk_loss_sum = per_token_loss(logits, start, end).sum()
-        (grad,) = torch.autograd.grad(chunk_loss_sum, logits)
-        return chunk_loss_sum.detach(), grad
-
-    return value_and_grad
-
-
 class _ChunkedLinearLoss(torch.autograd.Function):
     """sum over tokens of a loss of ``hidden @ weight.T``, one chunk of rows at a time.
 
     The gradient is computed in the forward pass: each chunk's d loss / d logits (C, V) is
     turned into d loss / d hidden (C, H) and accumulated into d loss / d weight (V, H) at once,
     so only one chunk's (C, V) tensors are alive at a time; backward only scales the stored
-    gradients by the incoming scalar.
+    gradients by the incoming scalar. The matmuls with the weight: ``LinearHead``.
     """
 
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, value_and_grad: ChunkValueAndGrad, chunk_size: int
+        ctx, hidden: Tensor, weight: Tensor, value_and_grad: ChunkValueAndGrad, chunk_size: int,
+        vocab_chunk_size: int | None,
     ):
         need_hidden_grad, need_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_hidden_grad or need_weight_grad
-        loss_sum = torch.zeros((), dtype=compute_dtype(hidden), device=hidden.device)
+        dtype = _loss_dtype(hidden, weight)
+        head = LinearHead(weight, hidden.dtype, dtype, vocab_chunk_size)
+        loss_sum = torch.zeros((), dtype=dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None  # (N, H)
         grad_weight = (
             torch.zeros(weight.shape, dtype=compute_dtype(weight), device=weight.device)
@@ -212,13 +110,12 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             hidden_chunk = hidden[start:end]  # (C, H)
-            # (C, V) student logits, float32
-            logits = (hidden_chunk @ weight.T).to(compute_dtype(hidden))
+            logits = head.logits(hidden_chunk)  # (C, V) student logits, float32
             chunk_loss_sum, grad_logits = value_and_grad(logits, start, end, need_grad)
             loss_sum += chunk_loss_sum
             del logits
             if need_hidden_grad:
-                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight  # (C, H)
+                grad_hidden[start:end] = head.input_grad(grad_logits)  # (C, H)
             if need_weight_grad:
                 grad_weight.addmm_(
                     grad_logits.T.to(grad_weight.dtype), hidden_chunk.to(grad_weight.dtype)
@@ -236,7 +133,12 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _loss_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The loss's compute dtype: float64 if either input is float64, else float32."""
+    return torch.promote_types(compute_dtype(hidden), compute_dtype(weight))
 
 
 def fused_kd_loss(
@@ -249,6 +151,7 @@ def fused_kd_loss(
     beta: float | None = None,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    vocab_chunk_size: int | None = None,
     reduction: str = "mean",
 ) -> Tensor:
     """Distillation loss from the student's hidden states, never holding all [N, V] logits.
@@ -266,6 +169,12 @@ def fused_kd_loss(
     requires grad. If neither input requires grad, no gradient work is done. Double backward is
     not supported.
 
+    Precision (module docstring): the loss is float32 (float64 if an input is). A bf16 LM head
+    (the student's, or a ``TeacherHead``'s) stays bf16: on a device without bf16 matmul kernels,
+    or beside float32 hidden states, it is upcast ``vocab_chunk_size`` vocabulary rows at a time
+    (default: 32 MB of float32, 2730 rows at H = 3072) and multiplied in float32, so no float32
+    [V, H] copy of it exists, and the result equals the float32 path on the upcast head.
+
     student_hidden [B, T, H]: final decoder hidden states (after the last norm) at the positions
     whose logits score the response tokens. lm_head_weight [V, H] (no bias). mask [B, T].
     teacher: ``TeacherLogprobs``, ``TeacherHead`` or ``TeacherTopK`` (forward KL only,
@@ -277,6 +186,10 @@ def fused_kd_loss(
     check_temperature(temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size}: must be >= 1 (tokens per chunk)")
+    if vocab_chunk_size is not None and vocab_chunk_size < 1:
+        raise ValueError(
+            f"vocab_chunk_size={vocab_chunk_size}: must be >= 1 (vocabulary rows upcast at a time)"
+        )
     if (
         student_hidden.dim() != 3
         or lm_head_weight.dim() != 2
@@ -291,16 +204,19 @@ def fused_kd_loss(
     # (N, H)
     hidden_rows = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, rows)
     value_and_grad = _chunk_loss(
-        teacher, rows, student_hidden, lm_head_weight.shape[0], divergence, beta, temperature
+        teacher, rows, student_hidden, lm_head_weight.shape[0], divergence, beta, temperature,
+        _loss_dtype(student_hidden, lm_head_weight), vocab_chunk_size,
     )
-    loss_sum = _ChunkedLinearLoss.apply(hidden_rows, lm_head_weight, value_and_grad, chunk_size)
+    loss_sum = _ChunkedLinearLoss.apply(
+        hidden_rows, lm_head_weight, value_and_grad, chunk_size, vocab_chunk_size
+    )
     return reduce_loss(loss_sum, rows.numel(), reduction)
 
 
 def _chunk_loss(teacher: TeacherDistribution, rows: Tensor, student_hidden: Tensor, vocab_size: int,
-                divergence: str, beta: float | None, temperature: float) -> ChunkValueAndGrad:
-    """The per-chunk loss for the teacher's form (module docstring)."""
-    dtype = compute_dtype(student_hidden)
+                divergence: str, beta: float | None, temperature: float, dtype: torch.dtype,
+                vocab_chunk_size: int | None) -> ChunkValueAndGrad:
+    """The per-chunk loss for the teacher's form (module docstring), in ``dtype``."""
     if isinstance(teacher, TeacherTopK):
         if divergence != "forward" or temperature != 1.0:
             raise ValueError("fused_kd_loss: a TeacherTopK supports the forward KL only "
@@ -309,7 +225,9 @@ def _chunk_loss(teacher: TeacherDistribution, rows: Tensor, student_hidden: Tens
     if isinstance(teacher, TeacherLogprobs):
         teacher_rows = _logprobs_rows(teacher, rows, student_hidden, vocab_size, dtype)
     elif isinstance(teacher, TeacherHead):
-        teacher_rows = _head_rows(teacher, rows, student_hidden, vocab_size, dtype)
+        teacher_rows = _head_rows(
+            teacher, rows, student_hidden, vocab_size, dtype, vocab_chunk_size
+        )
     else:
         raise TypeError(
             "fused_kd_loss: teacher must be TeacherLogprobs, TeacherHead or TeacherTopK, "
@@ -322,7 +240,7 @@ def _chunk_loss(teacher: TeacherDistribution, rows: Tensor, student_hidden: Tens
             return scaled_teacher_logprobs(teacher_rows(start, end), temperature, dtype)
 
     if divergence == "forward":  # eq. 1, closed-form gradient (eq. 2 on the logits)
-        return lambda logits, start, end, need_grad: _forward_kl_value_and_grad(
+        return lambda logits, start, end, need_grad: forward_kl_value_and_grad(
             logits, chunk_teacher_logprobs(start, end), temperature, need_grad)
 
     def per_token_loss(logits: Tensor, start: int, end: int) -> Tensor:
@@ -330,7 +248,7 @@ def _chunk_loss(teacher: TeacherDistribution, rows: Tensor, student_hidden: Tens
         # (C,)
         return divergence_rows(student, chunk_teacher_logprobs(start, end), divergence, beta)
 
-    return _autograd_value_and_grad(per_token_loss)
+    return autograd_value_and_grad(per_token_loss)
 
 
 def _logprobs_rows(teacher: TeacherLogprobs, rows: Tensor, student_hidden: Tensor, vocab_size: int,
@@ -346,9 +264,9 @@ def _logprobs_rows(teacher: TeacherLogprobs, rows: Tensor, student_hidden: Tenso
 
 
 def _head_rows(teacher: TeacherHead, rows: Tensor, student_hidden: Tensor, vocab_size: int,
-               dtype: torch.dtype) -> Callable[[int, int], Tensor]:
-    """Response rows [start, end) of a TeacherHead: its logits formed for those rows alone, (C, V)
-    log p_T."""
+               dtype: torch.dtype, vocab_chunk_size: int | None) -> Callable[[int, int], Tensor]:
+    """Response rows [start, end) of a TeacherHead: its logits formed for those rows alone (a bf16
+    head upcast a block at a time, as the student's: ``LinearHead``), (C, V) log p_T."""
     teacher_hidden, teacher_weight = teacher.hidden.detach(), teacher.lm_head_weight.detach()
     if teacher_hidden.shape[:2] != student_hidden.shape[:2] or teacher_weight.shape != (
         vocab_size, teacher_hidden.shape[-1]
@@ -359,11 +277,14 @@ def _head_rows(teacher: TeacherHead, rows: Tensor, student_hidden: Tensor, vocab
             f"with V = {vocab_size}"
         )
     teacher_hidden_flat = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])  # (B*T, H_T)
+    # the loss's dtype, or float64 for a float64 teacher
+    teacher_dtype = torch.promote_types(dtype, _loss_dtype(teacher_hidden, teacher_weight))
+    head = LinearHead(teacher_weight, teacher_hidden.dtype, teacher_dtype, vocab_chunk_size)
 
     def teacher_rows(start: int, end: int) -> Tensor:
-        # (C, V)
-        teacher_logits = teacher_hidden_flat.index_select(0, rows[start:end]) @ teacher_weight.T
-        return torch.log_softmax(teacher_logits.to(dtype), dim=-1)  # (C, V) log p_T
+        # (C, V) teacher logits
+        teacher_logits = head.logits(teacher_hidden_flat.index_select(0, rows[start:end]))
+        return log_softmax_(teacher_logits).to(dtype)  # (C, V) log p_T, in place
 
     return teacher_rows
 
@@ -378,5 +299,5 @@ def _topk_chunks(teacher: TeacherTopK, rows: Tensor, student_hidden: Tensor,
     topk_logprobs = teacher.logprobs.reshape(-1, teacher.logprobs.shape[-1]).index_select(0, rows)
     _check_topk_rows(topk_ids, topk_logprobs, vocab_size, "fused_kd_loss")
     topk_logprobs = topk_logprobs.detach()
-    return lambda logits, start, end, need_grad: _topk_forward_kl_value_and_grad(
+    return lambda logits, start, end, need_grad: topk_forward_kl_value_and_grad(
         logits, topk_ids[start:end], topk_logprobs[start:end], teacher.tail, need_grad)

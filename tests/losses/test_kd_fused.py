@@ -6,6 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from losses import kd_chunk, linear_head
 from losses.kd import forward_kl, generalized_jsd, reverse_kl
 from losses.kd_fused import TeacherHead, TeacherLogprobs, TeacherTopK, fused_kd_loss
 from losses.kd_topk import forward_kl_topk
@@ -259,3 +260,189 @@ def test_bad_teacher_raises_with_a_message():
         fused_kd_loss(student_hidden, weight, TeacherHead(teacher_states, teacher_weight[:3]), mask)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_kd_loss(student_hidden, weight, TeacherHead(teacher_states, teacher_weight), mask, chunk_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# An LM head stored in bf16 (as a bf16 model holds it), computed in float32
+
+
+BF16 = torch.bfloat16
+
+
+def bf16_case():
+    """make_case in float32 with both heads rounded to bf16: (hidden, head bf16, head as float32,
+    teacher states, teacher head bf16, teacher head as float32, mask). Upcasting bf16 is exact,
+    so the float32 copies hold the very numbers the bf16 heads store."""
+    student_hidden, weight, teacher_states, teacher_weight, mask = make_case(torch.float32)
+    weight, teacher_weight = weight.to(BF16), teacher_weight.to(BF16)
+    return (student_hidden, weight, weight.float(), teacher_states, teacher_weight,
+            teacher_weight.float(), mask)
+
+
+def teacher_of(kind, teacher_states, teacher_weight, mask, tail=True):
+    """The local teacher in the form `kind` (its head in the dtype given), or its top 4 + tail."""
+    if kind == "head":
+        return TeacherHead(teacher_states, teacher_weight)
+    logprobs = torch.log_softmax(teacher_states @ teacher_weight.float().T, -1)  # (B, T, V)
+    if kind == "logprobs":
+        return TeacherLogprobs(logprobs)
+    top = logprobs.topk(4, dim=-1)
+    return TeacherTopK(top.indices, top.values, tail)
+
+
+@pytest.mark.parametrize("teacher_kind, divergence, beta, temperature, tail", [
+    ("logprobs", "forward", None, 1.0, True), ("head", "forward", None, 1.0, True),
+    ("head", "forward", None, 2.0, True), ("head", "jsd", 0.3, 1.0, True),
+    ("head", "reverse", None, 0.7, True), ("topk", "forward", None, 1.0, True),
+    ("topk", "forward", None, 1.0, False),
+])
+@pytest.mark.parametrize("chunk_size, vocab_chunk_size", [(5, 3), (13, None), (2, 11)])
+def test_bf16_head_equals_float32_path_on_the_same_weights(teacher_kind, divergence, beta, temperature,
+                                                           tail, chunk_size, vocab_chunk_size):
+    """Student (and TeacherHead) LM heads stored in bf16, hidden states float32: the value and the
+    gradient w.r.t. the hidden states equal the float32 path given float32 copies of the same bf16
+    heads. Tolerance (rtol 1e-5, atol 1e-6, as the float32 tests above): upcasting bf16 is exact,
+    so both sides multiply the same float32 numbers; they differ only in the order of float32
+    sums (the logits by vocabulary blocks of 3 rows, the hidden-state gradient summed over those
+    blocks, the teacher's log-softmax in place), a reassociation of at most V = 11 terms of O(1)
+    at a time: a few ulp, ~1e-6 relative. The weight gradient, still supported for a bf16 head,
+    is accumulated in float32 and rounded once to bf16: it equals the float32 path's rounded to
+    bf16 within bf16's own tolerance (rtol 1.6e-2: one bf16 ulp, for an element whose float32
+    value falls near a rounding boundary)."""
+    hidden, weight, weight_f32, teacher_states, teacher_weight, teacher_weight_f32, mask = bf16_case()
+    kwargs = dict(divergence=divergence, beta=beta, temperature=temperature, chunk_size=chunk_size)
+
+    def run(head, teacher_head, **extra):
+        teacher = teacher_of(teacher_kind, teacher_states, teacher_head, mask, tail)
+        h, w = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
+        loss = fused_kd_loss(h, w, teacher, mask, **kwargs, **extra)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    loss, grad_hidden, grad_weight = run(weight, teacher_weight, vocab_chunk_size=vocab_chunk_size)
+    loss_f32, grad_hidden_f32, grad_weight_f32 = run(weight_f32, teacher_weight_f32)
+    assert loss.dtype == grad_hidden.dtype == torch.float32 and grad_weight.dtype == BF16
+    torch.testing.assert_close(loss, loss_f32, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_hidden, grad_hidden_f32, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_weight, grad_weight_f32.to(BF16))
+
+
+def test_bf16_hidden_and_head_on_a_cpu_without_bf16_kernels(monkeypatch):
+    """A bf16 model on a CPU without bf16 matmul kernels (this one): hidden states and head both
+    bf16. The matmuls run in float32 on upcast blocks, so the value equals the float32 path on the
+    upcast inputs (rtol 1e-5, atol 1e-6: float32 reassociation only, as above); the hidden-state
+    gradient comes back in the hidden states' dtype, bf16, i.e. that float32 gradient rounded
+    once (bf16's own tolerance)."""
+    monkeypatch.setattr(linear_head, "native_matmul", lambda dtype, device: False)
+    hidden, weight, weight_f32, teacher_states, teacher_weight, teacher_weight_f32, mask = bf16_case()
+    hidden = hidden.to(BF16)
+    results = []
+    for h, w, teacher_w in ((hidden, weight, teacher_weight), (hidden.float(), weight_f32, teacher_weight_f32)):
+        h = h.clone().requires_grad_(True)
+        loss = fused_kd_loss(h, w, TeacherHead(teacher_states, teacher_w), mask, chunk_size=4, vocab_chunk_size=4)
+        loss.backward()
+        results.append((loss.detach(), h.grad))
+    (loss, grad), (loss_f32, grad_f32) = results
+    assert loss.dtype == torch.float32 and grad.dtype == BF16
+    torch.testing.assert_close(loss, loss_f32, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad_f32.to(BF16))
+
+
+def test_bf16_matmul_where_the_device_has_kernels(monkeypatch):
+    """Where bf16 matmuls are native (a GPU; here pretended), bf16 hidden states and head multiply
+    in bf16 as the model's own LM head does: equal to the plain form on those bf16 logits, upcast.
+    The value: the same bf16 products on both sides, then float32 (rtol 1e-5). The hidden-state
+    gradient is a bf16 matmul on both sides, but d loss / d logits is rounded to bf16 before the
+    1/N of the mean in the plain form and after it here, so an element differs by about one bf16
+    ulp (2^-8) of the largest terms it sums: atol 2^-7 of the largest gradient, rtol 1.6e-2."""
+    monkeypatch.setattr(linear_head, "native_matmul", lambda dtype, device: True)
+    hidden, weight, _, teacher_states, teacher_weight, _, mask = bf16_case()
+    hidden = hidden.to(BF16)
+    teacher_logprobs = teacher_forms(teacher_states, teacher_weight.float(), mask)[1]
+
+    def plain(h, w):
+        return forward_kl(h @ w.T, teacher_logprobs, mask)  # (B, T, V) bf16 logits, upcast inside
+
+    def fused(h, w):
+        return fused_kd_loss(h, w, TeacherLogprobs(teacher_logprobs), mask, chunk_size=4, vocab_chunk_size=4)
+
+    h1, h2 = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    loss, expected = fused(h1, weight), plain(h2, weight)
+    (loss + expected).backward()
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1.6e-2, atol=2**-7 * h2.grad.abs().max().item())
+
+
+class LargestFloat32Tensor(LargestTensor):
+    """LargestTensor counting float32 tensors only."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        existing = {t.untyped_storage().data_ptr() for t in inputs}
+        for value in tree_flatten(out)[0]:
+            if (isinstance(value, torch.Tensor) and value.dtype == torch.float32
+                    and value.untyped_storage().data_ptr() not in existing):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("teacher_kind", ["logprobs", "head", "topk"])
+def test_bf16_head_is_never_copied_whole_to_float32(teacher_kind):
+    """Heads [V, H] = [64, 16] in bf16, 40 response tokens in chunks of 8, vocabulary blocks of 16
+    rows: no float32 tensor created may reach V x H = 1024 elements (the largest are the (40, 16)
+    response hidden states and their gradient, 640, the (8, 64) chunk logits, 512, and the
+    (16, 16) upcast block, 256). The plain form, which needs the float32 head, does create it; so
+    does a weight gradient, whose float32 (V, H) accumulator exists only when the head requires
+    grad."""
+    batch, length, hidden, vocab, chunk, vocab_chunk = 2, 20, 16, 64, 8, 16
+    student_hidden, weight, teacher_states, teacher_weight, _ = make_case(
+        torch.float32, batch=batch, length=length, hidden=hidden, vocab=vocab, teacher_hidden=hidden
+    )
+    weight, teacher_weight = weight.to(BF16), teacher_weight.to(BF16)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    teacher = teacher_of(teacher_kind, teacher_states, teacher_weight, mask)
+    hidden_states = student_hidden.requires_grad_(True)
+
+    def fused():
+        fused_kd_loss(hidden_states, weight, teacher, mask, chunk_size=chunk, vocab_chunk_size=vocab_chunk).backward()
+
+    with LargestFloat32Tensor() as probe:
+        fused()
+    assert probe.largest <= max(batch * length * hidden, chunk * vocab) < vocab * hidden
+
+    with LargestFloat32Tensor() as probe:  # the probe does see the plain form's float32 head
+        teacher_logprobs = torch.log_softmax(teacher_states @ teacher_weight.float().T, -1)
+        forward_kl(hidden_states @ weight.float().T, teacher_logprobs, mask).backward()
+    assert probe.largest >= vocab * hidden
+
+    weight.requires_grad_(True)
+    with LargestFloat32Tensor() as probe:
+        fused()
+    assert probe.largest == vocab * hidden and weight.grad.dtype == BF16
+
+
+@pytest.mark.parametrize("teacher_kind", ["logprobs", "head"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_row_blocks_equal_plain(monkeypatch, teacher_kind, temperature):
+    """The (C, V) work runs a few rows at a time (kd_chunk.ROW_BLOCK_ELEMENTS, 10 rows at V = 200064, the
+    whole chunk at the sizes above): with 2-row blocks the forward KL still equals the plain form
+    in float64, value and both gradients, to 1e-12."""
+    monkeypatch.setattr(kd_chunk, "ROW_BLOCK_ELEMENTS", 2 * 11)
+    student_hidden, weight, teacher_states, teacher_weight, mask = make_case()
+    teachers, teacher_logprobs = teacher_forms(teacher_states, teacher_weight, mask)
+
+    def plain(h, w):
+        return forward_kl(h @ w.T, teacher_logprobs, mask, temperature=temperature)
+
+    def fused(h, w):
+        return fused_kd_loss(h, w, teachers[teacher_kind], mask, temperature=temperature, chunk_size=5)
+
+    assert_same(fused, plain, student_hidden, weight, 1e-10, 1e-12)
+
+
+def test_bad_vocab_chunk_size_raises():
+    student_hidden, weight, teacher_states, teacher_weight, mask = make_case()
+    with pytest.raises(ValueError, match="vocab_chunk_size"):
+        fused_kd_loss(student_hidden, weight, TeacherHead(teacher_states, teacher_weight), mask, vocab_chunk_size=0)
