@@ -78,7 +78,8 @@ def _topk_bucket_logprobs(
 
     student_logits (N, V) in the compute dtype; topk_ids (N, k) int64; topk_logprobs (N, k).
     Differentiable w.r.t. student_logits (this is the plain form's path; the fused form has a
-    closed-form gradient of the same function, losses/kd_chunk.py ``topk_forward_kl_value_and_grad``).
+    closed-form gradient of the same function: losses/kd_chunk.py
+    ``topk_forward_kl_value_and_grad``).
     """
     ids, teacher_logprobs, valid = _distinct_topk(
         topk_ids, topk_logprobs.detach().to(student_logits.dtype)
