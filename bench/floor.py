@@ -85,3 +85,33 @@ def benchmark_dtype(name: str) -> tuple[torch.dtype | None, str | None]:
 def add_dtype_argument(parser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and activations (bfloat16 needs a CPU with bf16 kernels, or a GPU)")
+
+
+def main(argv=None) -> int:
+    """`python bench/floor.py`: the bf16 / float32 ratio of the floors themselves on this CPU, at the
+    sampler benchmark's decode step (batch 8) and prefill (8 x 256 tokens) and the SFT step's
+    forward + input-gradient matmuls: where it is above 1, bf16 cannot beat float32 here, whatever
+    the code around the matmuls does. Last line: JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    sizes = dict(hidden=512, intermediate=2048, heads=8, kv_heads=2, head_dim=64, layers=8, vocab=32000)
+    steps = {"decode_batch8": (decoder_matmuls(rows=8, **sizes), ("forward",)),
+             "prefill_8x256": (decoder_matmuls(rows=8 * 256, lm_head_rows=8, **sizes), ("forward",)),
+             "train_4x192": (decoder_matmuls(rows=4 * 192, **sizes), ("forward", "input_grad"))}
+    result = {"bench": "floor", "bf16_kernels": bf16_kernels(), "threads": torch.get_num_threads()}
+    for name, (shapes, passes) in steps.items():
+        fp32 = matmul_seconds(shapes, torch.float32, passes=passes, repeats=args.repeats)
+        bf16 = matmul_seconds(shapes, torch.bfloat16, passes=passes, repeats=args.repeats)
+        print(f"{name}: float32 {fp32 * 1e3:.1f} ms, bfloat16 {bf16 * 1e3:.1f} ms, bf16 / fp32 time {bf16 / fp32:.2f}")
+        result[name] = {"float32_ms": round(fp32 * 1e3, 2), "bfloat16_ms": round(bf16 * 1e3, 2),
+                        "bf16_over_fp32_time": round(bf16 / fp32, 3)}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
