@@ -202,13 +202,17 @@ class LargestTensor(TorchDispatchMode):
         super().__init__()
         self.largest = 0
 
+    def counts(self, value: torch.Tensor) -> bool:
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         existing = {t.untyped_storage().data_ptr() for t in inputs}
         for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in existing:
+            if (isinstance(value, torch.Tensor) and self.counts(value)
+                    and value.untyped_storage().data_ptr() not in existing):
                 self.largest = max(self.largest, value.numel())
         return out
 
@@ -376,16 +380,8 @@ def test_bf16_matmul_where_the_device_has_kernels(monkeypatch):
 class LargestFloat32Tensor(LargestTensor):
     """LargestTensor counting float32 tensors only."""
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        existing = {t.untyped_storage().data_ptr() for t in inputs}
-        for value in tree_flatten(out)[0]:
-            if (isinstance(value, torch.Tensor) and value.dtype == torch.float32
-                    and value.untyped_storage().data_ptr() not in existing):
-                self.largest = max(self.largest, value.numel())
-        return out
+    def counts(self, value: torch.Tensor) -> bool:
+        return value.dtype == torch.float32
 
 
 @pytest.mark.parametrize("teacher_kind", ["logprobs", "head", "topk"])

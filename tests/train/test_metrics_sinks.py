@@ -17,23 +17,12 @@ from train.config import ConfigError, load_config
 from train.distributed import DistInfo
 from train.loop import train
 from train.metrics import WANDB_ID_FILE, wandb_run_id
+from tests.train.counting_stage import CountingSFT
 from train.stages import SFTStage
 
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "toy" / "smoke_sft.toml"
-
-
-class CountingSFT(SFTStage):
-    """SFT that counts its loss calls: 0 means no step began."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def loss(self, model, batch):
-        self.calls += 1
-        return super().loss(model, batch)
 
 
 def run(out_dir: Path, *overrides: str, stop_after=None, evaluate=None, stage=None) -> SFTStage:

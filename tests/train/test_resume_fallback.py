@@ -16,23 +16,11 @@ from tests.train.worker import examples, tiny_model
 from train.config import load_config
 from train.distributed import DistInfo
 from train.loop import train
-from train.stages import SFTStage
+from tests.train.counting_stage import CountingSFT
 
 INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 ACCUM = 2
 STEP_2, STEP_4 = "step_0000002", "step_0000004"
-
-
-class CountingSFT(SFTStage):
-    """SFT that counts its loss calls: ACCUM per optimizer step this call trains."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def loss(self, model, batch):
-        self.calls += 1
-        return super().loss(model, batch)
 
 
 def run(out_dir: Path, stop_after: int | None = None) -> CountingSFT:
