@@ -38,12 +38,32 @@ TASKS = {"sft": ("instruction", "summary"), "prompt": ("instruction",), "pairs":
 FEATURE_CACHE_VERSION = 1
 
 
+def feature_key(paths: Path | Sequence[Path], *, offset: float, duration: float | None, policy: DurationPolicy,
+                filterbank: str) -> str:
+    """The `FeatureCache` key of a segment's features: sha256 of each file's resolved path, mtime
+    (ns) and size, the segment, the duration policy, the filterbank and FEATURE_CACHE_VERSION.
+
+    One file (training's manifests, eval.run's jsonl items) hashes the same payload as it always
+    has, so existing caches stay valid; several files are a mix summed sample by sample (eval's
+    AMI headsets, `BenchmarkItem.load_waveform`), listed in order. OSError when a file is gone.
+    """
+    files = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    sources = []
+    for path in files:
+        stat = Path(path).stat()
+        sources.append({"path": str(Path(path).resolve()), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size})
+    payload = sources[0] if len(sources) == 1 else {"paths": sources, "mix": "sum"}
+    payload.update({"offset": offset, "duration": duration, "max_seconds": policy.max_seconds,
+                    "on_too_long": policy.on_too_long, "filterbank": filterbank, "version": FEATURE_CACHE_VERSION})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 class FeatureCache:
     """Log-mel features on disk, content-addressed, crash-safe.
 
-    Key: sha256 of the resolved path, the file's mtime (ns) and size, the segment (offset,
-    duration), the duration policy and the filterbank; editing or replacing the file changes
-    the key. Entry: `{key[:2]}/{key}.safetensors` with the (frames, 80) tensor, written to a
+    Key (`feature_key`): sha256 of the resolved path, the file's mtime (ns) and size, the
+    segment (offset, duration), the duration policy and the filterbank; editing or replacing the
+    file changes the key. Entry: `{key[:2]}/{key}.safetensors` with the (frames, 80) tensor, written to a
     unique temporary file in the same folder, fsync'ed and renamed (atomic on POSIX), so a
     killed process leaves the full entry or none. An unreadable entry is a miss and is rewritten.
     """
@@ -53,11 +73,8 @@ class FeatureCache:
         self.directory = self.store.directory
 
     def key(self, entry: ManifestEntry, policy: DurationPolicy, filterbank: str) -> str:
-        stat = entry.audio_path.stat()
-        payload = {"path": str(entry.audio_path.resolve()), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size,
-                   "offset": entry.offset, "duration": entry.duration, "max_seconds": policy.max_seconds,
-                   "on_too_long": policy.on_too_long, "filterbank": filterbank, "version": FEATURE_CACHE_VERSION}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return feature_key(entry.audio_path, offset=entry.offset, duration=entry.duration, policy=policy,
+                           filterbank=filterbank)
 
     def path(self, key: str) -> Path:
         return self.store.path(key)

@@ -111,6 +111,7 @@ def evaluate(
     seed: int = SEED,
     with_plot: bool = True,
     encoder_cache: str | Path | None = None,
+    feature_cache: str | Path | None = None,
 ) -> Results:
     """Decode, judge and diagnose every (checkpoint, benchmark); resumable (docs/evaluation.md).
 
@@ -118,7 +119,9 @@ def evaluate(
     eval.judge.Judge or None (diagnostics only). Writes the files listed in docs/evaluation.md
     under `out_dir` and returns the Results. `encoder_cache`: a folder of frozen-encoder
     outputs (model/encoder_cache.py) shared by the audio checkpoints: a clip is encoded once per
-    distinct encoder, whatever the number of checkpoints that share it.
+    distinct encoder, whatever the number of checkpoints that share it. `feature_cache`: a folder
+    of log-mel features (data.dataset.FeatureCache, keyed like training's) reused across runs and
+    checkpoints; the features, and so the outputs, are bit-identical to computing them.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise EvalError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
@@ -142,7 +145,7 @@ def evaluate(
     for ckpt_name, directory in checkpoints.items():
         decoder = CheckpointDecoder(Path(directory.removeprefix(TEXT_MODE)), max_new_tokens=max_new_tokens,
                                     device=device, dtype=dtype, text_mode=directory.startswith(TEXT_MODE),
-                                    encoder_cache=encoder_cache)
+                                    encoder_cache=encoder_cache, feature_cache=feature_cache)
         try:
             for bench_name, benchmark in loaded.items():
                 samples = _run_pair(ckpt_name, bench_name, benchmark, decoder, judge, judge_key, out, batch_size)
@@ -277,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--encoder-cache", default=None, metavar="DIR",
                         help="cache frozen-encoder outputs per clip here (model/encoder_cache.py)")
+    parser.add_argument("--feature-cache", default=None, metavar="DIR",
+                        help="cache log-mel features per audio file here (data.dataset.FeatureCache, as training's "
+                             "data.feature_cache); same outputs, no recomputation on a rerun")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from data.manifest import DataError
@@ -305,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            batch_size=args.batch_size, device=args.device,
                            dtype=getattr(torch, args.dtype) if args.dtype else None,
                            resamples=args.bootstrap_resamples, seed=args.seed, with_plot=not args.no_plot,
-                           encoder_cache=args.encoder_cache)
+                           encoder_cache=args.encoder_cache, feature_cache=args.feature_cache)
     except (EvalError, BenchmarkError, DataError, CheckpointError, OSError) as error:
         return report_error("eval.run", error)
     except ApiError as error:  # status 1: what finished is kept, a rerun continues

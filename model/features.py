@@ -74,7 +74,12 @@ def num_frames(num_samples: int, sample_rate: int = SAMPLE_RATE) -> int:
 
 def num_audio_tokens(num_samples: int, sample_rate: int = SAMPLE_RATE) -> int:
     """Audio placeholder tokens for a clip: ceil(frames / 8), transformers' `audio_embed_sizes`."""
-    return -(-num_frames(num_samples, sample_rate) // AUDIO_COMPRESSION_RATE)
+    return audio_tokens_for_frames(num_frames(num_samples, sample_rate))
+
+
+def audio_tokens_for_frames(frames: int) -> int:
+    """Audio placeholder tokens for `frames` feature frames: ceil(frames / 8)."""
+    return -(-int(frames) // AUDIO_COMPRESSION_RATE)
 
 
 def mel_filterbank(filterbank: str = "speechlib") -> np.ndarray:
@@ -153,6 +158,16 @@ def log_mel_batch(
             features.append(_log_mel_16k(_prepare(waveform, rate), filterbank))
         except (ValueError, TypeError) as error:
             raise type(error)(f"clip {index}: {error}") from None
+    return pad_features(features)
+
+
+def pad_features(features) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips' (frames, 80) features -> (N, max_frames, 80) and valid frame counts (N,) int64,
+    padded with 0.0 on the first clip's device: `log_mel_batch`'s batching, shared with callers
+    that compute (or read from a cache) each clip's features alone, so their batches are
+    bit-identical to `log_mel_batch`'s."""
+    if len(features) == 0:
+        raise ValueError("pad_features got an empty list of features; pass at least one clip")
     lengths = torch.tensor([clip.shape[0] for clip in features], dtype=torch.long)
     batch = features[0].new_zeros(len(features), int(lengths.max()), N_MELS)  # (N, max_frames, 80)
     for index, clip in enumerate(features):

@@ -195,35 +195,61 @@ def link(root: Path, alias: str, folder: Path) -> None:
 
 
 def build_corpus(seed: int = 0, sizes: Sizes = PRESETS["demo"], root: str | Path = "cache/toy", *,
-                 workers: int = 2, alias: str | None = None, log=print) -> Path:
+                 workers: int = 2, alias: str | None = None, log=print, leave_out: tuple[str, ...] = ()) -> Path:
     """Build (or reuse) the corpus for (seed, sizes) under `root`; returns its folder. `alias`:
     also point `root/alias` at it (the CLI uses the preset's name, so configs/toy/demo_*.toml
-    can name cache/toy/demo/sft.jsonl)."""
+    can name cache/toy/demo/sft.jsonl). `leave_out`: splits not rendered this time (the demo
+    leaves out "pretrain", whose audio only toy/pretrain.py reads); their manifests are not
+    written and corpus.json lists them under "left_out". A later build without them renders
+    them into the same folder (same key: the meetings do not depend on it) and writes
+    corpus.json last, so an interrupted fill-in is redone, reusing the audio already written."""
     root = Path(root)
     final = root / f"corpus-{corpus_key(seed, sizes)}"
+    unknown = set(leave_out) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"leave_out names unknown splits {sorted(unknown)}; expected some of {SPLITS}")
     if (final / "corpus.json").exists():
-        log(f"[toy corpus] reusing {final}")
+        stats = json.loads((final / "corpus.json").read_text())
+        missing = [split for split in stats.get("left_out", []) if split not in leave_out]
+        if missing:
+            _render_into(final, seed, sizes, missing, stats, workers, log)
+        else:
+            log(f"[toy corpus] reusing {final}")
         if alias:
             link(root, alias, final)
         return final
+    partial = final.with_name(final.name + ".partial")
+    stats = {"seed": seed, "generator_version": GENERATOR_VERSION, "sizes": asdict(sizes), "splits": {},
+             "left_out": list(SPLITS)}
+    _render_into(partial, seed, sizes, [split for split in SPLITS if split not in leave_out], stats, workers, log)
+    replace_directory(partial, final)  # a finished corpus without corpus.json cannot exist; a stale folder can
+    if alias:
+        link(root, alias, final)
+    log(f"[toy corpus] wrote {final} in {stats['generation_seconds']} s")
+    return final
+
+
+def _render_into(folder: Path, seed: int, sizes: Sizes, splits: list[str], stats: dict, workers: int, log) -> None:
+    """Render `splits` into `folder`, write their manifests, then corpus.json (`stats`, updated:
+    these splits leave "left_out"). Audio already in the folder is reused."""
     from .speech import INSTALL_HINT, EspeakMissing, espeak_available
 
     if not espeak_available():
         raise EspeakMissing(INSTALL_HINT)
-    partial = final.with_name(final.name + ".partial")
-    audio = partial / "audio"
+    audio = folder / "audio"
     audio.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    plans = plan_corpus(seed, sizes)
-    manifests: dict[str, list[dict]] = {name: [] for name in MANIFESTS}
-    stats: dict[str, Any] = {"seed": seed, "generator_version": GENERATOR_VERSION, "sizes": asdict(sizes), "splits": {}}
+    manifests: dict[str, list[dict]] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for split, planned in plans.items():
+        for split in splits:
+            planned = [plan_meeting(seed, split, i, sizes.instructions) for i in range(getattr(sizes, split))]
             results, total = [], len(planned)
             for done, result in enumerate(pool.map(lambda p: _render_audio(p, audio, seed), planned), start=1):
                 results.append(result)
                 if done == total or done % max(1, total // 4) == 0:
                     log(f"[toy corpus] {split}: {done}/{total} meetings ({time.perf_counter() - started:.0f} s)")
+            for name in manifest_names(split):
+                manifests.setdefault(name, [])
             for plan, (duration, segments) in zip(planned, results):
                 for name, rows in manifest_rows(plan, duration, segments).items():
                     manifests[name].extend(rows)
@@ -233,14 +259,33 @@ def build_corpus(seed: int = 0, sizes: Sizes = PRESETS["demo"], root: str | Path
         if name != "pretrain":
             stats["splits"][name]["families"] = dict(sorted(Counter(r["family"] for r in rows).items()))
         text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-        atomic_write_text(partial / f"{name}.jsonl", text)
-    stats["generation_seconds"] = round(time.perf_counter() - started, 1)
-    atomic_write_text(partial / "corpus.json", json.dumps(stats, indent=2) + "\n")
-    replace_directory(partial, final)  # a finished corpus without corpus.json cannot exist; a stale folder can
-    if alias:
-        link(root, alias, final)
-    log(f"[toy corpus] wrote {final} in {stats['generation_seconds']} s")
-    return final
+        atomic_write_text(folder / f"{name}.jsonl", text)
+    stats["left_out"] = [split for split in stats["left_out"] if split not in splits]
+    stats["generation_seconds"] = round(stats.get("generation_seconds", 0.0) + time.perf_counter() - started, 1)
+    atomic_write_text(folder / "corpus.json", json.dumps(stats, indent=2) + "\n")
+
+
+def manifest_names(split: str) -> tuple[str, ...]:
+    """The manifests made from one split's meetings (the pre-training split's: ASR rows and the teacher's)."""
+    return ("pretrain", "teacher") if split == "pretrain" else (split,)
+
+
+def require_rendered(corpus_dir: str | Path, splits: tuple[str, ...]) -> None:
+    """Raise CorpusIncomplete when a build left any of `splits` out (build_corpus `leave_out`)."""
+    corpus_dir = Path(corpus_dir)
+    if not (corpus_dir / "corpus.json").is_file():
+        raise CorpusIncomplete(f"{corpus_dir} has no corpus.json: not a folder written by `python -m toy.corpus`")
+    stats = json.loads((corpus_dir / "corpus.json").read_text())
+    missing = [split for split in splits if split in stats.get("left_out", [])]
+    if missing:
+        preset = next((name for name, sizes in PRESETS.items() if asdict(sizes) == stats["sizes"]), None)
+        command = f"python -m toy.corpus --preset {preset} --seed {stats['seed']}" if preset else "toy.corpus.build_corpus"
+        raise CorpusIncomplete(f"{corpus_dir} was built without the audio of {missing} (the demo needs none of it); "
+                               f"render it with `{command}`, then rerun")
+
+
+class CorpusIncomplete(ValueError):
+    """A corpus folder built without a split that is needed now; the message says how to render it."""
 
 
 TRAINING_MANIFESTS = ("pretrain", "teacher", "sft", "kd", "dpo")

@@ -177,6 +177,7 @@ class Demo(StageRunner):
         benchmarks = [f"{split}=jsonl:{self.corpus / f'{split}.jsonl'}" for split in EVAL_SPLITS]
         self.call(folder, "eval.run", "--checkpoint", *(f"{name}={spec}" for name, spec in present.items()),
                   "--benchmark", *benchmarks, "--encoder-cache", str(self.encoder_cache),
+                  "--feature-cache", str(self.work / "features"),
                   "--judge", "oracle", "--out", str(self.work / "eval"), "--batch-size", str(self.mode.eval_batch),
                   "--max-new-tokens", str(self.mode.max_new_tokens), "--device", "cpu")
 
@@ -216,13 +217,19 @@ def check_provenance(made: dict, corpus: dict, *, same_pretraining_split: bool =
                         f"or pass --pretrain")
 
 
+def shipped_models(pretrain: bool) -> bool:
+    """Whether the demo uses the shipped checkpoints; then it needs no pre-training audio (only
+    toy.pretrain reads it), and the corpus is built without it."""
+    return not pretrain and (SHIPPED / "pretrain.json").exists()
+
+
 def prepare_models(corpus: Path, work: Path, mode: Mode, pretrain: bool, python: str) -> Path:
     """The shipped pre-training-stage checkpoints (`check_provenance`), or (with --pretrain, or
     when none are shipped) checkpoints built here by toy/pretrain.py (--quick: a few steps;
     otherwise a few CPU-hours, see toy/checkpoints/README.md). The quick run reuses the shipped ones on
     its smaller corpus of the same world (same names, phrasings and voices)."""
     provenance = SHIPPED / "pretrain.json"
-    if not pretrain and provenance.exists():
+    if shipped_models(pretrain):
         check_provenance(json.loads(provenance.read_text()), json.loads((corpus / "corpus.json").read_text()),
                          same_pretraining_split=not mode.quick)
         return SHIPPED
@@ -277,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             corpus = build_corpus(0, PRESETS[mode.preset], args.corpus_root, alias=mode.preset,
+                                  leave_out=("pretrain",) if shipped_models(args.pretrain) else (),
                                   log=lambda m: print(m, flush=True)).resolve()
         except EspeakMissing as error:
             raise DemoError(str(error)) from None

@@ -43,7 +43,7 @@ from model.tokenizer import config_token_ids, load_tokenizer, train_sentencepiec
 from rollout.sampler import SamplingParams, generate
 from rollout.teachers import teacher_prompt_ids
 
-from .corpus import ASR_INSTRUCTION, text_items, training_texts
+from .corpus import ASR_INSTRUCTION, CorpusIncomplete, require_rendered, text_items, training_texts
 from .encoder_ctc import (CTCRecognizer, CTCSteps, MeetingAudio, asr_report, build_encoder, load_meetings, max_turns_at,
                           sample_span)
 from .loop_state import load_state, save_state, warmup_cosine
@@ -395,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Steps) if getattr(args, f.name) is not None}
     steps = dataclasses.replace(steps, **overrides)
     optional = lambda value: Path(value) if value else None  # noqa: E731
+    try:
+        require_rendered(args.corpus, ("pretrain",))
+    except CorpusIncomplete as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     paths = build(Path(args.corpus), Path(args.out), steps, seed=args.seed,
                   log=lambda message: print(message, file=sys.stderr, flush=True),
                   which=(args.only,) if args.only else ("teacher", "encoder", "student"), work=Path(args.work),

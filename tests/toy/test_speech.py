@@ -76,6 +76,38 @@ def test_build_is_deterministic_cached_and_readable(tmp_path):
 
 
 @needs_espeak
+def test_corpus_built_without_pretraining_audio_is_filled_in_later(tmp_path):
+    """The demo's build leaves the pre-training split out (no audio, no pretrain/teacher
+    manifests, corpus.json says so, toy.pretrain refuses it with the command that renders it);
+    a later full build renders it into the same folder, which then equals a full build."""
+    from toy.corpus import CorpusIncomplete, require_rendered
+    from toy.pretrain import main as pretrain_main
+
+    partial = build_corpus(0, TINY, tmp_path / "a", workers=1, leave_out=("pretrain",), log=lambda message: None)
+    assert not (partial / "pretrain.jsonl").exists() and not (partial / "teacher.jsonl").exists()
+    assert not list((partial / "audio").glob("pretrain-*")) and (partial / "audio" / "sft-00000.wav").is_file()
+    assert json.loads((partial / "corpus.json").read_text())["left_out"] == ["pretrain"]
+    with pytest.raises(CorpusIncomplete, match="pretrain"):
+        require_rendered(partial, ("pretrain",))
+    require_rendered(partial, ("sft", "validation"))
+    assert pretrain_main(["--corpus", str(partial), "--out", str(tmp_path / "models")]) == 2
+    messages = []
+    assert build_corpus(0, TINY, tmp_path / "a", workers=1, leave_out=("pretrain",), log=messages.append) == partial
+    assert messages == [f"[toy corpus] reusing {partial}"]
+    assert build_corpus(0, TINY, tmp_path / "a", workers=1, log=messages.append) == partial  # filled in
+    full = build_corpus(0, TINY, tmp_path / "b", workers=1, log=lambda message: None)
+    digest = lambda folder: {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "corpus.json"}
+    assert digest(partial) == digest(full)
+    stats = lambda folder: {k: v for k, v in json.loads((folder / "corpus.json").read_text()).items()  # noqa: E731
+                            if k != "generation_seconds"}
+    assert stats(partial) == stats(full) and stats(full)["left_out"] == []
+    require_rendered(partial, ("pretrain",))
+    with pytest.raises(CorpusIncomplete, match="no corpus.json"):
+        require_rendered(tmp_path, ("pretrain",))
+
+
+@needs_espeak
 def test_pretrain_writes_loadable_student_and_teacher(tmp_path):
     """Two steps of each pre-training loop on a tiny corpus: the checkpoints load with the
     recipes' loaders, carry the tokenizer, the teacher is wider than the student, the student's
