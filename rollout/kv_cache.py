@@ -52,6 +52,18 @@ class StaticKVCache:
         self.values[layer_idx][:, :, self.offset : end] = value
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    def shift_rows(self, shifts: torch.Tensor) -> None:
+        """Move row r's filled slots right by shifts[r] (B,): a right-padded prefill becomes the
+        left-padded layout decoding writes after. Slots [0, shifts[r]) keep copies of slot 0;
+        they are padding, which the attention mask hides."""
+        filled = self.offset
+        slots = torch.arange(filled, device=shifts.device)
+        source = (slots[None, :] - shifts[:, None]).clamp(min=0)  # (B, S): the slot each one reads
+        for buffer in (*self.keys, *self.values):
+            batch, heads, _, dim = buffer.shape
+            index = source[:, None, :, None].expand(batch, heads, filled, dim)
+            buffer[:, :, :filled] = buffer[:, :, :filled].gather(2, index)
+
     def advance(self, length: int) -> None:
         """Called by the decoder once all layers have written `length` new slots."""
         self.offset += length

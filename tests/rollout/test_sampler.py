@@ -228,3 +228,38 @@ def test_bad_parameters_and_prompts():
 
     with pytest.raises(ValueError, match="prompt 1 must be a non-empty 1-D tensor"):
         left_pad([torch.tensor([1, 2]), torch.tensor([[1]])], 0)
+
+
+def test_right_padded_prefill_fills_the_cache_a_left_padded_prefill_would(pair, batch):
+    """`prefill` runs the prompts right-padded (plain causal attention) and shifts each row's keys
+    and values right by its padding; the real slots then hold what a left-padded prefill with the
+    explicit mask writes (1e-5), and the returned hidden states are each prompt's last token's."""
+    from rollout.kv_cache import StaticKVCache
+    from rollout.sampler import left_pad, prefill
+
+    _, ours = pair
+    prompts, features, lengths = batch
+    config = ours.decoder.config
+    right = StaticKVCache.for_model(config, len(prompts), 64)
+    left = StaticKVCache.for_model(config, len(prompts), 64)
+    with torch.no_grad():
+        last = prefill(ours, prompts, config.pad_token_id, right, features, lengths)
+        input_ids, mask = left_pad(prompts, config.pad_token_id)
+        hidden = ours.hidden_states(input_ids, mask, features, lengths, kv_cache=left)
+    assert right.offset == left.offset == input_ids.shape[1]
+    real = mask.bool()[:, None, :, None]  # (B, 1, P, 1)
+    for ours_buffer, reference in zip((*right.keys, *right.values), (*left.keys, *left.values)):
+        filled = ours_buffer[:, :, : right.offset]
+        torch.testing.assert_close(filled * real, reference[:, :, : left.offset] * real, atol=1e-5, rtol=0)
+    torch.testing.assert_close(last, hidden[:, -1], atol=1e-5, rtol=0)
+
+
+def test_shift_rows_moves_each_row_by_its_padding():
+    from rollout.kv_cache import StaticKVCache
+
+    cache = StaticKVCache(1, 2, 1, 1, 6)
+    cache.update(0, torch.arange(1.0, 9.0).view(2, 1, 4, 1), -torch.arange(1.0, 9.0).view(2, 1, 4, 1))
+    cache.advance(4)
+    cache.shift_rows(torch.tensor([0, 2]))  # row 1 held 2 real slots of 4, right-padded
+    assert cache.keys[0][:, 0, :4, 0].tolist() == [[1, 2, 3, 4], [5, 5, 5, 6]]
+    assert cache.values[0][:, 0, :4, 0].tolist() == [[-1, -2, -3, -4], [-5, -5, -5, -6]]
