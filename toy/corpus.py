@@ -134,6 +134,19 @@ def text_items(seed: int, meetings: int, instructions: int) -> list[tuple[str, s
     return items
 
 
+def text_stream(seed: int, start: int, meetings_per_batch: int, instructions: int):
+    """`batch(step) -> [(transcript, instruction, reference)]`: the text-only meetings
+    start + (step - 1) * meetings_per_batch onwards, `meetings_per_batch` of them, so no meeting
+    is seen twice in a run (steps count from 1). The teacher's continuation on fresh meetings
+    (toy/pretrain.py, Steps.teacher_stream_from): text costs no audio, and an unrepeated stream
+    cannot be memorized."""
+    def batch(step: int) -> list[tuple[str, str, str]]:
+        first = start + (step - 1) * meetings_per_batch
+        planned = [plan_meeting(seed, TEXT_SPLIT, index, instructions) for index in range(first, first + meetings_per_batch)]
+        return [(p.transcript, item.instruction, item.reference) for p in planned for item in p.items]
+    return batch
+
+
 def judge_source(planned: PlannedMeeting, item: Item) -> str:
     return json.dumps({"meeting": planned.meeting.to_dict(), "task": item.task.to_dict()}, sort_keys=True)
 

@@ -43,7 +43,7 @@ from model.tokenizer import config_token_ids, load_tokenizer, train_sentencepiec
 from rollout.sampler import SamplingParams, generate
 from rollout.teachers import teacher_prompt_ids
 
-from .corpus import ASR_INSTRUCTION, CorpusIncomplete, require_rendered, text_items, training_texts
+from .corpus import ASR_INSTRUCTION, CorpusIncomplete, require_rendered, text_items, text_stream, training_texts
 from .encoder_ctc import (CTCRecognizer, CTCSteps, MeetingAudio, asr_report, build_encoder, load_meetings, max_turns_at,
                           sample_span)
 from .loop_state import load_state, save_state, warmup_cosine
@@ -59,6 +59,7 @@ class Steps:
     student_asr_frames: int = 12000  # log-mel frames (120 s) per ASR batch of the student (cut from encoder states)
     student: int = 1200  # two ASR batches (spans of turns up to whole meetings) to one text batch
     teacher: int = 1500
+    teacher_stream_from: int = 0  # > 0: the teacher reads never-repeated text meetings from this index (toy.corpus.text_stream)
     batch_size: int = 16  # text rows per text batch
     lr: float = 2e-3  # decoders
     encoder_lr: float = 2e-3  # the encoder's CTC training
@@ -93,6 +94,11 @@ def text_examples(tokenizer, corpus: Path, manifests: tuple[str, ...], text_meet
             triples.append((row["transcript"], row["instruction"], row["summary"]))
     info = json.loads((corpus / "corpus.json").read_text())
     triples += text_items(info["seed"], text_meetings, info["sizes"]["instructions"])
+    return teacher_rows(tokenizer, triples)
+
+
+def teacher_rows(tokenizer, triples: list[tuple[str, str, str]]) -> list[Example]:
+    """(transcript, instruction, reference) -> the teacher's prompt and response ids."""
     return [Example(id=str(i), prompt_ids=teacher_prompt_ids(tokenizer, transcript, instruction),
                     response_ids=tokenizer.encode_response(reference, add_eos=True))
             for i, (transcript, instruction, reference) in enumerate(triples)]
@@ -183,10 +189,17 @@ def build_teacher(tokenizer, corpus: Path, out: Path, steps: Steps, seed: int, l
     Checked on the validation split (`text_quality`)."""
     torch.manual_seed(seed)
     teacher = SpeechLM(teacher_config(tokenizer)) if start_from is None else load_pretrained(start_from)
-    examples = text_examples(tokenizer, corpus, ("teacher", "sft"), steps.text_meetings)
     rng = random.Random(seed)
-    loss = train(teacher, lambda step: collate(rng.sample(examples, min(steps.batch_size, len(examples))),
-                                               tokenizer.pad_token_id),
+    if steps.teacher_stream_from:  # batch_size rows of fresh text meetings per step
+        info = json.loads((corpus / "corpus.json").read_text())
+        per_meeting = info["sizes"]["instructions"]
+        stream = text_stream(info["seed"], steps.teacher_stream_from, max(1, steps.batch_size // per_meeting), per_meeting)
+        next_batch = lambda step: collate(teacher_rows(tokenizer, stream(step)), tokenizer.pad_token_id)  # noqa: E731
+    else:
+        examples = text_examples(tokenizer, corpus, ("teacher", "sft"), steps.text_meetings)
+        next_batch = lambda step: collate(rng.sample(examples, min(steps.batch_size, len(examples))),  # noqa: E731
+                                          tokenizer.pad_token_id)
+    loss = train(teacher, next_batch,
                  steps.teacher, [{"params": list(teacher.decoder.parameters()), "lr": steps.lr}], "teacher (text)", log,
                  rng=rng, work=work / "teacher")
     _save(teacher, tokenizer.path, out / "teacher")

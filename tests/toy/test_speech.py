@@ -9,6 +9,7 @@ import hashlib
 import json
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +106,36 @@ def test_corpus_built_without_pretraining_audio_is_filled_in_later(tmp_path):
     require_rendered(partial, ("pretrain",))
     with pytest.raises(CorpusIncomplete, match="no corpus.json"):
         require_rendered(tmp_path, ("pretrain",))
+
+
+def test_text_stream_never_repeats_a_meeting():
+    from toy.corpus import TEXT_SPLIT, text_stream
+
+    batch = text_stream(0, 500, 3, 2)
+    first, second = batch(1), batch(2)
+    assert len(first) == 6 and first == batch(1)  # 3 meetings, 2 instructions each, deterministic
+    assert first[0][0] == plan_meeting(0, TEXT_SPLIT, 500, 2).transcript
+    assert second[0][0] == plan_meeting(0, TEXT_SPLIT, 503, 2).transcript
+    assert not {transcript for transcript, _, _ in first} & {transcript for transcript, _, _ in second}
+
+
+@needs_espeak
+def test_teacher_continues_on_a_stream_of_fresh_text_meetings(tmp_path):
+    """Steps.teacher_stream_from: the teacher reads text_stream batches (no manifest, so a corpus
+    without the pre-training split will do) and the record says where the stream started."""
+    from model import load_pretrained
+
+    from toy.pretrain import Steps, build
+
+    corpus = build_corpus(0, TINY, tmp_path / "toy", workers=1, leave_out=("pretrain",), log=lambda message: None)
+    shipped = Path(__file__).resolve().parents[2] / "toy" / "checkpoints" / "tokenizer.model"
+    steps = Steps(teacher=2, batch_size=4, teacher_stream_from=500)
+    paths = build(corpus, tmp_path / "models", steps, log=lambda message: None, which=("teacher",),
+                  work=tmp_path / "work", tokenizer_file=shipped)
+    provenance = json.loads((tmp_path / "models" / "pretrain.json").read_text())
+    assert provenance["steps"]["teacher_stream_from"] == 500
+    assert provenance["teacher"]["validation"]["rows"] == 2 and provenance["teacher"]["loss"] > 0
+    assert load_pretrained(paths["teacher"]).config.decoder.hidden_size == 256
 
 
 @needs_espeak
