@@ -301,7 +301,23 @@ def _server_message(error: openai.APIStatusError) -> str:
             return inner["message"]
         if isinstance(body.get("message"), str):
             return body["message"]
+        if "detail" in body:  # FastAPI: {"detail": "text"} or pydantic's [{"type", "loc", "msg"}, ...]
+            return _detail_text(body["detail"])
     return str(error.message)
+
+
+def _detail_text(detail: Any) -> str:
+    """FastAPI's `detail` as one line: each pydantic error as "loc: msg [type=...]"."""
+    if not isinstance(detail, list):
+        return str(detail)
+    parts = []
+    for item in detail:
+        if isinstance(item, dict):
+            where = ".".join(str(part) for part in item.get("loc", ()))
+            parts.append(f"{where}: {item.get('msg', '')} [type={item.get('type', '')}]")
+        else:
+            parts.append(str(item))
+    return "; ".join(parts)
 
 
 def _int_or_zero(value: Any) -> int:

@@ -462,6 +462,8 @@ def test_echo_mode_falls_back_to_string_matching_when_the_field_is_ignored():
     Reply(422, body={"object": "error", "type": "BadRequestError", "code": 422,  # a strict pydantic model's words
                      "message": "1 validation error for CompletionRequest\nreturn_tokens_as_token_ids\n  Extra "
                                 "inputs are not permitted [type=extra_forbidden, input_value=True, input_type=bool]"}),
+    Reply(422, body={"detail": [{"type": "extra_forbidden", "loc": ["body", "return_tokens_as_token_ids"],  # FastAPI's
+                                 "msg": "Extra inputs are not permitted", "input": True}]}),
 ])
 def test_echo_mode_retries_once_without_a_refused_field_and_remembers(refusal):
     tokenizer = FakeTokenizer()
