@@ -313,7 +313,8 @@ def _detail_text(detail: Any) -> str:
     parts = []
     for item in detail:
         if isinstance(item, dict):
-            where = ".".join(str(part) for part in item.get("loc", ()))
+            loc = item.get("loc")
+            where = ".".join(map(str, loc)) if isinstance(loc, (list, tuple)) else str(loc or "")
             parts.append(f"{where}: {item.get('msg', '')} [type={item.get('type', '')}]")
         else:
             parts.append(str(item))

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from model.features import AUDIO_COMPRESSION_RATE, log_mel, num_audio_tokens
+from model.features import audio_tokens_for_frames, log_mel, num_audio_tokens
 from model.safeio import TensorStore
 
 from .audio import FLOAT_PEAK_TOLERANCE, AudioError, DurationPolicy, load_audio, peak_warning, seconds_to_samples_16k
@@ -44,15 +44,16 @@ def feature_key(paths: Path | Sequence[Path], *, offset: float, duration: float 
     (ns) and size, the segment, the duration policy, the filterbank and FEATURE_CACHE_VERSION.
 
     One file (training's manifests, eval.run's jsonl items) hashes the same payload as it always
-    has, so existing caches stay valid; several files are a mix summed sample by sample (eval's
-    AMI headsets, `BenchmarkItem.load_waveform`), listed in order. OSError when a file is gone.
+    has, so existing caches stay valid; a sequence of files, even of one, is a mix summed sample
+    by sample and peak-normalised (eval's AMI headsets, `BenchmarkItem.load_waveform`), listed in
+    order. OSError when a file is gone.
     """
     files = [paths] if isinstance(paths, (str, Path)) else list(paths)
     sources = []
     for path in files:
         stat = Path(path).stat()
         sources.append({"path": str(Path(path).resolve()), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size})
-    payload = sources[0] if len(sources) == 1 else {"paths": sources, "mix": "sum"}
+    payload = sources[0] if isinstance(paths, (str, Path)) else {"paths": sources, "mix": "sum"}
     payload.update({"offset": offset, "duration": duration, "max_seconds": policy.max_seconds,
                     "on_too_long": policy.on_too_long, "filterbank": filterbank, "version": FEATURE_CACHE_VERSION})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -190,7 +191,7 @@ class ManifestDataset:
         entry = self.entries[index]
         responses = self._responses(entry)
         features = self._features(entry)  # (frames, 80)
-        audio_tokens = -(-features.shape[0] // AUDIO_COMPRESSION_RATE)
+        audio_tokens = audio_tokens_for_frames(features.shape[0])
         prompt = self.tokenizer.build_chat_prompt(entry.instruction, [audio_tokens], system=self.system)
         self._check_context(entry, audio_tokens, len(prompt.input_ids) + max(map(len, responses)))
         return [Example(id=entry.id, prompt_ids=prompt.prompt_ids, response_ids=response, features=features,

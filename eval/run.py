@@ -120,7 +120,7 @@ def evaluate(
     under `out_dir` and returns the Results. `encoder_cache`: a folder of frozen-encoder
     outputs (model/encoder_cache.py) shared by the audio checkpoints: a clip is encoded once per
     distinct encoder, whatever the number of checkpoints that share it. `feature_cache`: a folder
-    of log-mel features (data.dataset.FeatureCache, keyed like training's) reused across runs and
+    of log-mel features (data.dataset.FeatureCache, keyed as training's entries are) reused across runs and
     checkpoints; the features, and so the outputs, are bit-identical to computing them.
     """
     if max_new_tokens < 1 or batch_size < 1:

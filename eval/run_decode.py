@@ -10,7 +10,7 @@ Features: each item's log-mel features are computed alone (`ItemFeatures`) and p
 batch with `model.features.pad_features`, which is what `log_mel_batch` does, so they are
 bit-identical to it. Items of a batch that share an audio segment (the toy benchmarks ask two
 questions per recording) are computed once; with a feature cache (`--feature-cache`, a
-data.dataset.FeatureCache folder, keyed like training's) a file's features are also reused
+data.dataset.FeatureCache folder, keyed as training's entries are) a file's features are also reused
 across runs. Details: docs/evaluation.md.
 """
 from __future__ import annotations

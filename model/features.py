@@ -163,7 +163,7 @@ def log_mel_batch(
 
 def pad_features(features) -> tuple[torch.Tensor, torch.Tensor]:
     """Clips' (frames, 80) features -> (N, max_frames, 80) and valid frame counts (N,) int64,
-    padded with 0.0 on the first clip's device: `log_mel_batch`'s batching, shared with callers
+    padded with 0.0 on the first clip's device (the counts on the CPU): `log_mel_batch`'s batching, shared with callers
     that compute (or read from a cache) each clip's features alone, so their batches are
     bit-identical to `log_mel_batch`'s."""
     if len(features) == 0:

@@ -1,9 +1,9 @@
 """A static key/value cache: buffers preallocated once, filled in place (gpt-fast style).
 
 One (B, H_kv, max_length, D) key buffer and one value buffer per decoder layer. All rows of
-the batch share one write offset: prompts of different lengths are left-padded by the caller
-and the padding is hidden through the attention mask (model/decoder.py), so a decode step
-writes every row at the same slot and never reallocates.
+the batch share one write offset: prompts of different lengths sit left-padded (prefilled
+right-padded, then moved by `shift_rows`) and the padding is hidden through the attention mask
+(model/decoder.py), so a decode step writes every row at the same slot and never reallocates.
 """
 from __future__ import annotations
 
@@ -53,9 +53,10 @@ class StaticKVCache:
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
     def shift_rows(self, shifts: torch.Tensor) -> None:
-        """Move row r's filled slots right by shifts[r] (B,): a right-padded prefill becomes the
-        left-padded layout decoding writes after. Slots [0, shifts[r]) keep copies of slot 0;
-        they are padding, which the attention mask hides."""
+        """Move row r's filled slots right by shifts[r] (B,): a right-padded prefill from slot 0
+        becomes the left-padded layout decoding writes after (rollout.sampler.prefill). Every
+        filled slot moves, so call it right after that prefill. Slots [0, shifts[r]) keep copies
+        of slot 0; they are padding, which the attention mask hides."""
         filled = self.offset
         slots = torch.arange(filled, device=shifts.device)
         source = (slots[None, :] - shifts[:, None]).clamp(min=0)  # (B, S): the slot each one reads

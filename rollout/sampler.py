@@ -137,10 +137,13 @@ def prefill(model, prompts: list[torch.Tensor], pad_token_id: int, cache: Static
     (16 prompts of 971 tokens) and on GPU rules out the flash kernel. Rotary positions count real
     tokens either way, so each real token gets the same position and sees the same keys: the
     cache equals a left-padded prefill's up to rounding, and so do the outputs."""
-    lengths = torch.tensor([p.numel() for p in prompts], device=cache.keys[0].device)
-    if bool((lengths == lengths[0]).all()):  # no padding: no mask, no shift
+    if cache.offset != 0:
+        raise ValueError(f"prefill needs an empty cache (slot 0), this one holds {cache.offset} slots")
+    sizes = [p.numel() for p in prompts]
+    if len(set(sizes)) == 1:  # no padding (known on the host): no mask, no shift
         input_ids = torch.stack(prompts)
         return model.hidden_states(input_ids, None, audio_features, audio_lengths, kv_cache=cache)[:, -1]
+    lengths = torch.tensor(sizes, device=cache.keys[0].device)
     input_ids, mask = right_pad(prompts, pad_token_id)
     hidden = model.hidden_states(input_ids, mask, audio_features, audio_lengths, kv_cache=cache)  # (B, P, hidden)
     cache.shift_rows(input_ids.shape[1] - lengths)

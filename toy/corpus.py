@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import sys
 import time
 from collections import Counter
@@ -292,7 +293,8 @@ def require_rendered(corpus_dir: str | Path, splits: tuple[str, ...]) -> None:
     missing = [split for split in splits if split in stats.get("left_out", [])]
     if missing:
         preset = next((name for name, sizes in PRESETS.items() if asdict(sizes) == stats["sizes"]), None)
-        command = f"python -m toy.corpus --preset {preset} --seed {stats['seed']}" if preset else "toy.corpus.build_corpus"
+        command = (f"python -m toy.corpus --preset {preset} --seed {stats['seed']} "
+                   f"--root {shlex.quote(str(corpus_dir.resolve().parent))}") if preset else "toy.corpus.build_corpus"
         raise CorpusIncomplete(f"{corpus_dir} was built without the audio of {missing} (the demo needs none of it); "
                                f"render it with `{command}`, then rerun")
 

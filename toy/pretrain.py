@@ -408,8 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Steps) if getattr(args, f.name) is not None}
     steps = dataclasses.replace(steps, **overrides)
     optional = lambda value: Path(value) if value else None  # noqa: E731
+    streaming_teacher = args.only == "teacher" and steps.teacher_stream_from and args.tokenizer
+    if steps.teacher_stream_from and steps.teacher_stream_from < steps.text_meetings:
+        print(f"error: --teacher-stream-from {steps.teacher_stream_from} overlaps the {steps.text_meetings} text-only "
+              f"meetings of the text data (indices 0..{steps.text_meetings - 1}); start the stream at "
+              f"{steps.text_meetings} or later", file=sys.stderr)
+        return 2
     try:
-        require_rendered(args.corpus, ("pretrain",))
+        if not streaming_teacher:  # the tokenizer, the teacher's rows and the student read the pre-training split
+            require_rendered(args.corpus, ("pretrain",))
     except CorpusIncomplete as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -117,7 +117,7 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
         "naming a person, place, figure or day not in the meeting.",
         "",
         "Corpus: " + ", ".join(f"{name} {info.get('meetings', '-')} meetings / {info.get('rows', '-')} rows"
-                               for name, info in sizes.items() if "meetings" in info) + ".",
+                               for name, info in sizes.items() if "meetings" in info) + "." + _left_out(corpus_info),
         f"DPO pairs kept by the oracle judge (ties dropped): {pairs.get('pairs', '-')} from the KD student, "
         f"{pairs.get('pairs_sft', '-')} from the SFT student.",
     ]
@@ -143,6 +143,14 @@ def write_report(work: Path, out: Path, corpus: Path, models: Path, timings: dic
     atomic_write_text(report, "\n".join(lines))
     return report
 
+
+
+def _left_out(corpus_info: dict) -> str:
+    """The corpus line's note on splits built without audio (toy.corpus `leave_out`)."""
+    left_out = corpus_info.get("left_out")
+    if not left_out:
+        return ""
+    return f" Not rendered: {', '.join(left_out)} (read only by toy/pretrain.py; this run used the shipped checkpoints)."
 
 def encoder_cache_line(usage: dict | None) -> str:
     """What the frozen-encoder output cache saved over the run (model/encoder_cache.py `read_usage`)."""

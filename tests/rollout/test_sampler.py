@@ -263,3 +263,15 @@ def test_shift_rows_moves_each_row_by_its_padding():
     cache.shift_rows(torch.tensor([0, 2]))  # row 1 held 2 real slots of 4, right-padded
     assert cache.keys[0][:, 0, :4, 0].tolist() == [[1, 2, 3, 4], [5, 5, 5, 6]]
     assert cache.values[0][:, 0, :4, 0].tolist() == [[-1, -2, -3, -4], [-5, -5, -5, -6]]
+
+
+def test_prefill_refuses_a_cache_that_already_holds_slots(pair, batch):
+    from rollout.kv_cache import StaticKVCache
+    from rollout.sampler import prefill
+
+    _, ours = pair
+    prompts, features, lengths = batch
+    cache = StaticKVCache.for_model(ours.decoder.config, len(prompts), 64)
+    cache.advance(1)
+    with pytest.raises(ValueError, match="empty cache"):
+        prefill(ours, prompts, ours.decoder.config.pad_token_id, cache, features, lengths)

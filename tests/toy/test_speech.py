@@ -92,6 +92,9 @@ def test_corpus_built_without_pretraining_audio_is_filled_in_later(tmp_path):
         require_rendered(partial, ("pretrain",))
     require_rendered(partial, ("sft", "validation"))
     assert pretrain_main(["--corpus", str(partial), "--out", str(tmp_path / "models")]) == 2
+    overlapping = ["--corpus", str(partial), "--only", "teacher", "--teacher-stream-from", "10", "--tokenizer",
+                   str(Path(__file__).resolve().parents[2] / "toy" / "checkpoints" / "tokenizer.model")]
+    assert pretrain_main(overlapping) == 2  # the stream would repeat text_meetings' meetings 10..5999
     messages = []
     assert build_corpus(0, TINY, tmp_path / "a", workers=1, leave_out=("pretrain",), log=messages.append) == partial
     assert messages == [f"[toy corpus] reusing {partial}"]
