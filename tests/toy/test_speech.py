@@ -132,7 +132,7 @@ def test_teacher_continues_on_a_stream_of_fresh_text_meetings(tmp_path):
 
     corpus = build_corpus(0, TINY, tmp_path / "toy", workers=1, leave_out=("pretrain",), log=lambda message: None)
     shipped = Path(__file__).resolve().parents[2] / "toy" / "checkpoints" / "tokenizer.model"
-    steps = Steps(teacher=1, batch_size=2, teacher_stream_from=500)  # one step of one meeting: the path, not the learning
+    steps = Steps(teacher=1, batch_size=2, teacher_stream_from=500)  # one step, one meeting: the path only
     paths = build(corpus, tmp_path / "models", steps, log=lambda message: None, which=("teacher",),
                   work=tmp_path / "work", tokenizer_file=shipped)
     provenance = json.loads((tmp_path / "models" / "pretrain.json").read_text())
