@@ -232,8 +232,8 @@ def generate(
     device = decoder.embed_tokens.weight.device
     dtype = decoder.embed_tokens.weight.dtype
     prompts = [p.to(device) for p in prompts]
-    input_ids, prompt_mask = left_pad(prompts, pad_token_id)
-    num_prompts, prompt_length = input_ids.shape
+    _, prompt_mask = left_pad(prompts, pad_token_id)  # the decode mask; `prefill` pads the ids itself
+    num_prompts, prompt_length = prompt_mask.shape
     num_samples, max_new = params.num_samples, params.max_new_tokens
     rows = num_prompts * num_samples
     total = prompt_length + max_new
